@@ -1,0 +1,3 @@
+from moeforge.cli import main
+
+main()

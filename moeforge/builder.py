@@ -1,0 +1,187 @@
+"""`moeforge build`: config -> sources -> checks -> gates -> plan -> writer -> output directory."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import shutil
+from pathlib import Path
+from typing import Dict, List, Union
+
+from moeforge._version import __version__
+from moeforge.config import RANDOM_GATE_MODES, MoEConfig, load_config
+from moeforge.errors import ConfigError, SourceError
+from moeforge.options import BuildOptions, parse_shard_size
+from moeforge.sources.checkpoint import CODE_OF, DTYPES, Checkpoint, open_checkpoint
+
+log = logging.getLogger("moeforge")
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.txt",
+)
+RESOLVED_CONFIG = "moeforge_config.yml"
+
+
+@dataclasses.dataclass
+class BuildResult:
+    out_dir: Path
+    layout: str
+    num_experts: int
+    experts_per_token: int
+    files: List[str]
+    total_params: int
+    active_params: int
+    random_seed: int
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.out_dir}: {self.layout} layout, {self.num_experts} experts (top-{self.experts_per_token}), "
+            f"{human(self.total_params)} parameters, {human(self.active_params)} active per token, "
+            f"{len(self.files)} shard(s)"
+        )
+
+
+def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str, Path], **options) -> BuildResult:
+    """Build an MoE checkpoint at `out_dir`. Keyword options are the CLI flags (see `BuildOptions`)."""
+    from moeforge.families import family_of
+    from moeforge.gates import GateInputs, compute_gates
+    from moeforge.gates.compute import degenerate_layers, describe_layers
+    from moeforge.layouts import select_layout
+    from moeforge.plan import plan_moe
+    from moeforge.writer import atomic_output_dir, write_sharded
+    from moeforge.writer.output_dir import check_output_path
+
+    config = load_config(config_or_path)
+    opts = BuildOptions.from_kwargs(**options)
+    out_dir = Path(out_dir)
+    check_output_path(out_dir, opts.overwrite)
+    seed = opts.random_seed if opts.random_seed is not None else secrets.randbelow(2**31)
+
+    opened: Dict[str, Checkpoint] = {}
+
+    def open_once(ref: str) -> Checkpoint:
+        if ref not in opened:
+            opened[ref] = open_checkpoint(ref)
+        return opened[ref]
+
+    base = open_once(config.base_model)
+    experts = [(e, open_once(e.source_model)) for e in config.experts]
+    family = family_of(base)
+    for (expert, ckpt) in experts:
+        other = family_of(ckpt)
+        if other.name != family.name:
+            raise SourceError(
+                f"{expert.source_model}: is a {other.name} model but the base is {family.name}; "
+                "all inputs must be of one family"
+            )
+    features = family.features(base).union(*(family.features(c) for _, c in experts))
+    layout = select_layout(config.architecture, family.name, features, len(config.shared_experts or []))
+    log.info("output layout: %s", layout.name)
+    _check_not_all_same(config, opts)
+    num_layers, hidden = _check_shapes(base, experts, family)
+    out_code = _output_dtype(config, base)
+    shard_bytes = parse_shard_size(opts.out_shard_size, DTYPES[out_code][1])
+
+    gates = compute_gates(
+        config.gate_mode,
+        GateInputs(base, [e for e, _ in experts], num_layers, hidden, seed, opts),
+    )
+    if config.gate_mode not in RANDOM_GATE_MODES:
+        bad = degenerate_layers(gates)
+        if bad:
+            log.warning(
+                "%s %s degenerate routing parameters (ill-conditioned gate matrix): your prompts may be too "
+                "similar, and some experts will be underused", describe_layers(bad, num_layers).capitalize(),
+                "has" if len(bad) == 1 else "have",
+            )
+    if layout.name == "mixtral" and len(experts) & (len(experts) - 1):
+        log.warning("%d experts is not a power of two: llama.cpp cannot run this model", len(experts))
+
+    plan = plan_moe(base, family, layout, experts, gates, out_code, seed, num_layers, config.experts_per_token)
+    model_config = layout.model_config(base.config, plan.shape, DTYPES[out_code][0])
+
+    from tqdm.auto import tqdm
+
+    with atomic_output_dir(out_dir, opts.overwrite) as tmp:
+        with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
+            written = write_sharded(tmp, plan.tensors, shard_bytes, bar)
+        model_config.save_pretrained(str(tmp))
+        _copy_side_files(base, tmp, opts.copy_tokenizer)
+        (tmp / RESOLVED_CONFIG).write_text(
+            f"# moeforge {__version__}; rebuild with: moeforge build {RESOLVED_CONFIG} OUT --random-seed {seed}\n"
+            + config.to_yaml(),
+            encoding="utf-8",
+        )
+    for ckpt in opened.values():
+        ckpt.close()
+    result = BuildResult(
+        out_dir, layout.name, len(experts), config.experts_per_token, written.files,
+        plan.total_params, plan.active_params, seed,
+    )
+    log.info(result.summary())
+    return result
+
+
+def human(n: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _check_not_all_same(config: MoEConfig, opts: BuildOptions) -> None:
+    sources = {e.source_model for e in config.experts}
+    if len(config.experts) > 1 and len(sources) == 1 and not opts.allow_all_same:
+        raise ConfigError(
+            "experts: every expert is the same model, which costs more and computes the same; if you will train "
+            "it afterwards, pass --i-understand-this-is-not-useful-without-training"
+        )
+
+
+def _check_shapes(base: Checkpoint, experts, family):
+    """Every expert must fit the base: same hidden size and depth, MLP tensors present with one shape."""
+    hidden = base.config_value("hidden_size")
+    num_layers = base.config_value("num_hidden_layers")
+    if not isinstance(hidden, int) or not isinstance(num_layers, int):
+        raise SourceError(f"{base.path / 'config.json'}: needs integer hidden_size and num_hidden_layers")
+    first_shapes = None
+    for expert, ckpt in experts:
+        for key, want in (("hidden_size", hidden), ("num_hidden_layers", num_layers)):
+            got = ckpt.config_value(key)
+            if got != want:
+                raise SourceError(f"{expert.source_model}: {key} is {got}, but the base model's is {want}")
+        for layer in range(num_layers):
+            shapes = {r: ckpt.ref(family.mlp_name(r, layer)).shape for r in ("gate", "up", "down")}
+            inter = shapes["gate"][0]
+            want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+            if shapes != want:
+                raise SourceError(f"{expert.source_model}: layer {layer} MLP shapes {shapes} do not fit hidden size {hidden}")
+            if first_shapes is None:
+                first_shapes = shapes
+            elif shapes != first_shapes:
+                raise SourceError(
+                    f"{expert.source_model}: intermediate size {inter} differs from the first expert's "
+                    f"{first_shapes['gate'][0]} (experts of one layout must match)"
+                )
+    return num_layers, hidden
+
+
+def _output_dtype(config: MoEConfig, base: Checkpoint) -> str:
+    name = config.dtype or base.config_value("torch_dtype") or base.config_value("dtype")
+    if isinstance(name, str) and name in CODE_OF and CODE_OF[name] in ("F32", "F16", "BF16"):
+        return CODE_OF[name]
+    return base.ref(next(iter(base.tensors))).dtype
+
+
+def _copy_side_files(base: Checkpoint, out: Path, copy_tokenizer: bool) -> None:
+    """generation_config.json and (unaltered) tokenizer files from the base."""
+    names = ["generation_config.json"] + (list(TOKENIZER_FILES) if copy_tokenizer else [])
+    copied = []
+    for name in names:
+        src = base.path / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+            copied.append(name)
+    if copy_tokenizer and not any(n in copied for n in TOKENIZER_FILES):
+        log.warning("%s: has no tokenizer files to copy", base.label)

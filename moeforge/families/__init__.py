@@ -1,0 +1,28 @@
+"""Input families: how a dense checkpoint names its MLP tensors and which attention features it has.
+
+Each family is a small declarative module; `family_of` picks one from config.json's model_type.
+"""
+from __future__ import annotations
+
+from typing import List
+
+from moeforge.errors import SourceError
+from moeforge.families.base import Family
+from moeforge.families.llama import LLAMA
+from moeforge.families.mistral import MISTRAL
+
+FAMILIES: List[Family] = [LLAMA, MISTRAL]
+
+
+def family_of(checkpoint) -> Family:
+    model_type = checkpoint.config_value("model_type")
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise SourceError(
+        f"{checkpoint.path / 'config.json'}: model_type {model_type!r} is not a supported input family (supported: {known})"
+    )
+
+
+__all__ = ["Family", "FAMILIES", "family_of"]

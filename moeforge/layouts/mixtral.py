@@ -1,0 +1,26 @@
+"""Mixtral (MixtralForCausalLM): per-expert w1/w2/w3 under block_sparse_moe, as save_pretrained writes them."""
+from moeforge.layouts.base import Layout, MoEShape
+
+
+def _moe_config(shape: MoEShape) -> dict:
+    return {
+        "num_local_experts": shape.num_experts,
+        "num_experts_per_tok": shape.experts_per_token,
+        "intermediate_size": shape.intermediate_size,
+    }
+
+
+MIXTRAL = Layout(
+    name="mixtral",
+    config_class="MixtralConfig",
+    architectures=("MixtralForCausalLM",),
+    families=("llama", "mistral"),
+    features=frozenset(),
+    expert={
+        "gate": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
+        "down": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
+        "up": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",
+    },
+    router="model.layers.{layer}.block_sparse_moe.gate.weight",
+    moe_config=_moe_config,
+)

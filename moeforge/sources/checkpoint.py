@@ -1,0 +1,220 @@
+"""A dense checkpoint on disk, read lazily.
+
+Safetensors headers are parsed up front so the plan knows every tensor's file and byte range; tensor data is
+read only when a tensor is written (and not at all when its bytes can be copied file to file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from functools import cached_property
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from moeforge.errors import SourceError
+
+# safetensors dtype code -> (torch dtype name, bytes per element)
+DTYPES: Dict[str, Tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+}
+CODE_OF = {name: code for code, (name, _) in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """Where one source tensor lives. `start`/`end` are absolute file offsets (safetensors only)."""
+
+    file: Path
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: Tuple[int, ...]
+    start: Optional[int] = None
+    end: Optional[int] = None
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype][1]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_safetensors_header(path: Path) -> Dict[str, TensorRef]:
+    """Parse and check one file's header: every range inside the file, no overlaps past the end."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise SourceError(f"{path}: truncated safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise SourceError(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SourceError(f"{path}: unreadable safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: unreadable safetensors header")
+    base = 8 + n
+    refs = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (s, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"{path}: malformed header entry for tensor {name!r}") from None
+        if dtype not in DTYPES:
+            raise SourceError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        ref = TensorRef(path, name, dtype, shape, base + s, base + e)
+        if e - s != ref.nbytes or base + e > size:
+            raise SourceError(
+                f"{path}: tensor {name!r} byte range {s}..{e} does not match its shape or lies past the end "
+                f"(file truncated?)"
+            )
+        refs[name] = ref
+    return refs
+
+
+class Checkpoint:
+    """One model directory: its config.json and a lazy tensor index over safetensors or PyTorch .bin files."""
+
+    def __init__(self, path: Path, label: Optional[str] = None):
+        self.path = Path(path)
+        self.label = label or str(path)
+        self._handles: dict = {}
+        self.tensors: Dict[str, TensorRef] = self._index()
+
+    # ---- metadata ---------------------------------------------------------------------------------
+    @cached_property
+    def config(self) -> dict:
+        cfg = self.path / "config.json"
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SourceError(f"{cfg}: missing (every model directory needs a config.json)") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise SourceError(f"{cfg}: unreadable ({e})") from None
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise SourceError(f"{cfg}: has no model_type")
+        return data
+
+    def config_value(self, key: str, default=None):
+        """A config key, also looking in a nested text_config (multimodal wrappers)."""
+        if key in self.config:
+            return self.config[key]
+        return (self.config.get("text_config") or {}).get(key, default)
+
+    def _index(self) -> Dict[str, TensorRef]:
+        if not self.path.is_dir():
+            raise SourceError(f"{self.path}: not a directory")
+        st_index = self.path / "model.safetensors.index.json"
+        if st_index.exists():
+            files = sorted(set(_weight_map(st_index).values()))
+            return self._read_safetensors([self.path / f for f in files], st_index)
+        st_files = sorted(self.path.glob("*.safetensors"))
+        if st_files:
+            return self._read_safetensors(st_files)
+        bin_index = self.path / "pytorch_model.bin.index.json"
+        bin_files = (
+            [self.path / f for f in sorted(set(_weight_map(bin_index).values()))]
+            if bin_index.exists()
+            else sorted(self.path.glob("*.bin"))
+        )
+        bin_files = [f for f in bin_files if f.name != "training_args.bin"]
+        if not bin_files:
+            raise SourceError(f"{self.path}: no weights found (*.safetensors or pytorch_model*.bin)")
+        return self._read_bins(bin_files)
+
+    def _read_safetensors(self, files, index: Optional[Path] = None) -> Dict[str, TensorRef]:
+        refs: Dict[str, TensorRef] = {}
+        for f in files:
+            if not f.exists():
+                raise SourceError(f"{f}: missing (listed in {index.name if index else 'the model directory'})")
+            refs.update(read_safetensors_header(f))
+        if index is not None:
+            for name, fname in _weight_map(index).items():
+                if name not in refs:
+                    raise SourceError(f"{self.path / fname}: has no tensor {name!r} although {index.name} lists it")
+        return refs
+
+    def _read_bins(self, files) -> Dict[str, TensorRef]:
+        refs = {}
+        for f in files:
+            for name, t in self._load_bin(f).items():
+                code = CODE_OF.get(str(t.dtype).removeprefix("torch."))
+                if code is None:
+                    raise SourceError(f"{f}: tensor {name!r} has unsupported dtype {t.dtype}")
+                refs[name] = TensorRef(f, name, code, tuple(t.shape))
+        return refs
+
+    def _load_bin(self, f: Path) -> dict:
+        handle = self._handles.get(f)
+        if handle is None:
+            import torch
+
+            try:  # memory-mapped, and never unpickles code
+                handle = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # torch raises many types for corrupt pickles
+                raise SourceError(f"{f}: unreadable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+            if not isinstance(handle, dict):
+                raise SourceError(f"{f}: does not hold a state dict")
+            self._handles[f] = handle
+        return handle
+
+    # ---- tensor data ------------------------------------------------------------------------------
+    def ref(self, name: str) -> TensorRef:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise SourceError(f"{self.label}: missing tensor {name!r}") from None
+
+    def load(self, name: str):
+        """One tensor as a torch.Tensor (memory-mapped where the format allows)."""
+        ref = self.ref(name)
+        if ref.start is None:
+            return self._load_bin(ref.file)[name]
+        return self._safe_open(ref.file).get_tensor(name)
+
+    def load_rows(self, name: str, start: int, stop: int):
+        ref = self.ref(name)
+        if ref.start is None or len(ref.shape) == 0:
+            t = self.load(name)
+            return t if len(ref.shape) == 0 else t[start:stop]
+        return self._safe_open(ref.file).get_slice(name)[start:stop]
+
+    def _safe_open(self, file: Path):
+        handle = self._handles.get(file)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._handles[file] = safe_open(str(file), framework="pt")
+        return handle
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _weight_map(index: Path) -> Dict[str, str]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        wm = data["weight_map"]
+        if not isinstance(wm, dict):
+            raise TypeError
+        return wm
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise SourceError(f"{index}: unreadable index (expected a JSON object with a weight_map)") from None
+
+
+def open_checkpoint(text: str) -> Checkpoint:
+    from moeforge.sources.resolve import resolve_model
+
+    return Checkpoint(resolve_model(text), label=text)
+
+

@@ -1,0 +1,76 @@
+"""Model references: a local directory or a Hub id (`org/name`, `org/name@revision`)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from moeforge.errors import SourceError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# What a build needs from a Hub repo; skips duplicate weight formats where safetensors exist.
+_ALLOW = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    name: str
+    revision: Optional[str] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelRef":
+        if os.path.exists(os.path.expanduser(text)) or "@" not in text:
+            return cls(text)
+        name, _, revision = text.rpartition("@")
+        return cls(name, revision or None)
+
+    def __str__(self) -> str:
+        return self.name + (f"@{self.revision}" if self.revision else "")
+
+
+def resolve_model(text: str) -> Path:
+    """Local directory for a reference, using huggingface_hub's cache for Hub ids."""
+    ref = ModelRef.parse(text)
+    local = Path(os.path.expanduser(ref.name))
+    if local.exists():
+        if not local.is_dir():
+            raise SourceError(f"{text}: is a file; a model reference must be a directory or a Hub id")
+        return local
+    if not _HUB_ID.match(ref.name):
+        raise SourceError(f"{text}: no such directory (and not a Hub id of the form org/name)")
+    return _from_hub(ref, text)
+
+
+def _from_hub(ref: ModelRef, text: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        path = snapshot_download(
+            ref.name, revision=ref.revision, allow_patterns=_ALLOW, local_files_only=offline, etag_timeout=10
+        )
+        if not any(Path(path).glob("*.safetensors")):  # old repos only have PyTorch .bin weights
+            path = snapshot_download(
+                ref.name, revision=ref.revision, allow_patterns=_ALLOW + ["*.bin"],
+                local_files_only=offline, etag_timeout=10,
+            )
+        return Path(path)
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise SourceError(f"{text}: not a local directory, not in the Hugging Face cache, and {why}") from None
+    except GatedRepoError:
+        raise SourceError(f"{text}: gated repository; accept its terms on the Hub and log in (HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise SourceError(f"{text}: revision {ref.revision!r} not found on the Hub") from None
+    except RepositoryNotFoundError:
+        raise SourceError(f"{text}: no such model on the Hub (or it is private and no token is set)") from None
+    except OSError as e:
+        raise SourceError(f"{text}: download failed ({e})") from None

@@ -1,0 +1,188 @@
+"""A streaming safetensors writer.
+
+Headers are computed from the plan, so each shard is written front to back exactly once. Tensors whose
+bytes are unchanged are copied file to file (copy_file_range, no Python buffers); others are converted
+in bounded row chunks. Memory does not grow with model or shard size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from moeforge.errors import MoeforgeError
+from moeforge.plan.tensors import FromSource, FromValue, PlannedTensor
+from moeforge.sources.checkpoint import DTYPES
+
+CHUNK_BYTES = 64 * 1024 * 1024
+_HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+
+
+@dataclasses.dataclass
+class ShardedWriteResult:
+    files: List[str]
+    weight_map: Dict[str, str]
+    total_size: int
+
+
+def split_shards(tensors: Sequence[PlannedTensor], max_bytes: int) -> List[List[PlannedTensor]]:
+    """Greedy in plan order; a tensor larger than the limit gets a shard of its own."""
+    shards: List[List[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(count: int) -> List[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def encode_header(tensors: Sequence[PlannedTensor], metadata: Optional[dict] = None) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_sharded(out_dir: Path, tensors: Sequence[PlannedTensor], max_shard_bytes: int, progress=None) -> ShardedWriteResult:
+    shards = split_shards(tensors, max_shard_bytes)
+    names = shard_names(len(shards))
+    weight_map: Dict[str, str] = {}
+    with _Copier() as copier:
+        for name, shard in zip(names, shards):
+            path = out_dir / name
+            copier.write_shard(path, shard, progress)
+            weight_map.update({t.name: name for t in shard})
+    result = ShardedWriteResult(names, weight_map, sum(t.nbytes for t in tensors))
+    if len(names) > 1:
+        index = {"metadata": {"total_size": result.total_size}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    verify_shards(out_dir, shards, names)
+    return result
+
+
+def verify_shards(out_dir: Path, shards, names) -> None:
+    """Re-open every shard with the reference reader and compare names, dtypes and shapes to the plan."""
+    from safetensors import safe_open
+
+    for name, shard in zip(names, shards):
+        with safe_open(str(out_dir / name), framework="pt") as f:
+            if set(f.keys()) != {t.name for t in shard}:
+                raise MoeforgeError(f"{name}: written tensors do not match the plan")
+            for t in shard:
+                s = f.get_slice(t.name)
+                if tuple(s.get_shape()) != tuple(t.shape) or s.get_dtype() != t.dtype:
+                    raise MoeforgeError(f"{name}: tensor {t.name} was written with the wrong shape or dtype")
+
+
+class _Copier:
+    """Owns read-only source descriptors for the duration of a write."""
+
+    def __init__(self):
+        self._fds: Dict[Path, int] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _src_fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def write_shard(self, path: Path, shard: Sequence[PlannedTensor], progress) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, encode_header(shard))
+            for t in shard:
+                if t.is_raw_copy:
+                    ref = t.source.ref
+                    self._copy_range(self._src_fd(ref.file), fd, ref.start, t.nbytes, ref.file)
+                else:
+                    for chunk in _converted_chunks(t):
+                        _write_all(fd, chunk)
+                if progress is not None:
+                    progress.update(t.nbytes)
+            os.fsync(fd)
+        except OSError as e:
+            raise MoeforgeError(f"{path}: write failed ({e.strerror or e})") from None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _copy_range(src: int, dst: int, offset: int, count: int, src_path: Path) -> None:
+        done = 0
+        if _HAS_COPY_FILE_RANGE:
+            try:
+                while done < count:
+                    n = os.copy_file_range(src, dst, count - done, offset + done)
+                    if n == 0:
+                        raise MoeforgeError(f"{src_path}: ended early while copying (file truncated?)")
+                    done += n
+                return
+            except OSError:
+                pass  # other filesystem or kernel: fall back to plain reads; dst position is still consistent
+        while done < count:
+            buf = os.pread(src, min(CHUNK_BYTES, count - done), offset + done)
+            if not buf:
+                raise MoeforgeError(f"{src_path}: ended early while copying (file truncated?)")
+            _write_all(dst, buf)
+            done += len(buf)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _as_bytes(tensor):
+    import torch
+
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _converted_chunks(t: PlannedTensor):
+    import torch
+
+    out_dtype = getattr(torch, DTYPES[t.dtype][0])
+    src = t.source
+    if isinstance(src, FromValue):
+        yield _as_bytes(src.tensor.to(out_dtype))
+        return
+    assert isinstance(src, FromSource)
+    if src.noise_scale:  # whole tensor: the noise must not depend on chunking
+        x = src.checkpoint.load(src.name).float()
+        gen = torch.Generator().manual_seed(src.noise_seed)
+        x = x + torch.randn(x.shape, generator=gen) * src.noise_scale
+        if src.scale is not None:
+            x = x * src.scale
+        yield _as_bytes(x.to(out_dtype))
+        return
+    rows = t.shape[0] if t.shape else 1
+    row_bytes = max(1, t.nbytes // max(rows, 1)) * 4  # room for a float32 intermediate
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, rows, step):
+        x = src.checkpoint.load_rows(src.name, start, min(rows, start + step))
+        if src.scale is not None:
+            x = x * src.scale  # in the source dtype, as mergekit does, so results match bit for bit
+        yield _as_bytes(x.to(out_dtype))
