@@ -6,13 +6,18 @@ import logging
 import secrets
 import shutil
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import TYPE_CHECKING, Dict, List, Tuple, Union
 
 from moeforge._version import __version__
-from moeforge.config import RANDOM_GATE_MODES, MoEConfig, load_config
+from moeforge.config import RANDOM_GATE_MODES, Expert, MoEConfig, load_config
 from moeforge.errors import ConfigError, SourceError
 from moeforge.options import BuildOptions, parse_shard_size
 from moeforge.sources.checkpoint import CODE_OF, DTYPES, Checkpoint, open_checkpoint
+
+if TYPE_CHECKING:
+    from moeforge.families import Family
+    from moeforge.layouts import Layout
+    from moeforge.plan import MoEPlan
 
 log = logging.getLogger("moeforge")
 
@@ -42,33 +47,57 @@ class BuildResult:
         )
 
 
+@dataclasses.dataclass
+class Inputs:
+    """Everything known about a build before any tensor data is read."""
+
+    config: MoEConfig
+    options: BuildOptions
+    base: Checkpoint
+    experts: List[Tuple[Expert, Checkpoint]]
+    family: "Family"
+    layout: "Layout"
+    num_layers: int
+    hidden_size: int
+    out_dtype: str  # safetensors code
+    seed: int
+    checkpoints: Dict[str, Checkpoint]
+
+    def close(self) -> None:
+        for ckpt in self.checkpoints.values():
+            ckpt.close()
+
+
 def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str, Path], **options) -> BuildResult:
     """Build an MoE checkpoint at `out_dir`. Keyword options are the CLI flags (see `BuildOptions`)."""
-    from moeforge.families import family_of
-    from moeforge.gates import GateInputs, compute_gates
-    from moeforge.gates.compute import degenerate_layers, describe_layers
-    from moeforge.layouts import select_layout
-    from moeforge.plan import plan_moe
-    from moeforge.writer import atomic_output_dir, write_sharded
     from moeforge.writer.output_dir import check_output_path
 
     config = load_config(config_or_path)
     opts = BuildOptions.from_kwargs(**options)
-    out_dir = Path(out_dir)
-    check_output_path(out_dir, opts.overwrite)
-    seed = opts.random_seed if opts.random_seed is not None else secrets.randbelow(2**31)
+    check_output_path(Path(out_dir), opts.overwrite)
+    inputs = open_inputs(config, opts)
+    try:
+        return write_output(inputs, plan_tensors(inputs), Path(out_dir))
+    finally:
+        inputs.close()
 
-    opened: Dict[str, Checkpoint] = {}
+
+def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
+    """Resolve and check every source (configs and headers only) and choose the layout."""
+    from moeforge.families import family_of
+    from moeforge.layouts import select_layout
+
+    checkpoints: Dict[str, Checkpoint] = {}
 
     def open_once(ref: str) -> Checkpoint:
-        if ref not in opened:
-            opened[ref] = open_checkpoint(ref)
-        return opened[ref]
+        if ref not in checkpoints:
+            checkpoints[ref] = open_checkpoint(ref)
+        return checkpoints[ref]
 
     base = open_once(config.base_model)
     experts = [(e, open_once(e.source_model)) for e in config.experts]
     family = family_of(base)
-    for (expert, ckpt) in experts:
+    for expert, ckpt in experts:
         other = family_of(ckpt)
         if other.name != family.name:
             raise SourceError(
@@ -77,50 +106,90 @@ def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str,
             )
     features = family.features(base).union(*(family.features(c) for _, c in experts))
     layout = select_layout(config.architecture, family.name, features, len(config.shared_experts or []))
-    log.info("output layout: %s", layout.name)
     _check_not_all_same(config, opts)
     num_layers, hidden = _check_shapes(base, experts, family)
-    out_code = _output_dtype(config, base)
-    shard_bytes = parse_shard_size(opts.out_shard_size, DTYPES[out_code][1])
+    seed = opts.random_seed if opts.random_seed is not None else secrets.randbelow(2**31)
+    return Inputs(config, opts, base, experts, family, layout, num_layers, hidden, _output_dtype(config, base), seed,
+                  checkpoints)
 
+
+def plan_tensors(inputs: Inputs) -> "MoEPlan":
+    """Compute the routers, then plan every output tensor."""
+    from moeforge.gates import GateInputs, compute_gates
+    from moeforge.gates.compute import degenerate_layers, describe_layers
+    from moeforge.plan import plan_moe
+
+    config, n_layers = inputs.config, inputs.num_layers
     gates = compute_gates(
         config.gate_mode,
-        GateInputs(base, [e for e, _ in experts], num_layers, hidden, seed, opts),
+        GateInputs(inputs.base, [e for e, _ in inputs.experts], n_layers, inputs.hidden_size, inputs.seed,
+                   inputs.options),
     )
     if config.gate_mode not in RANDOM_GATE_MODES:
         bad = degenerate_layers(gates)
         if bad:
             log.warning(
                 "%s %s degenerate routing parameters (ill-conditioned gate matrix): your prompts may be too "
-                "similar, and some experts will be underused", describe_layers(bad, num_layers).capitalize(),
+                "similar, and some experts will be underused", describe_layers(bad, n_layers).capitalize(),
                 "has" if len(bad) == 1 else "have",
             )
-    if layout.name == "mixtral" and len(experts) & (len(experts) - 1):
-        log.warning("%d experts is not a power of two: llama.cpp cannot run this model", len(experts))
+    n_experts = len(inputs.experts)
+    if inputs.layout.name == "mixtral" and n_experts & (n_experts - 1):
+        log.warning("%d experts is not a power of two: llama.cpp cannot run this model", n_experts)
+    return plan_moe(inputs.base, inputs.family, inputs.layout, inputs.experts, gates, inputs.out_dtype,
+                    inputs.seed, n_layers, config.experts_per_token)
 
-    plan = plan_moe(base, family, layout, experts, gates, out_code, seed, num_layers, config.experts_per_token)
-    model_config = layout.model_config(base.config, plan.shape, DTYPES[out_code][0])
 
+def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
+    """Shards, then the side files, into a temporary directory that becomes `out_dir` when complete."""
     from tqdm.auto import tqdm
 
+    from moeforge.writer import atomic_output_dir, write_sharded
+
+    opts = inputs.options
+    shard_bytes = parse_shard_size(opts.out_shard_size, DTYPES[inputs.out_dtype][1])
     with atomic_output_dir(out_dir, opts.overwrite) as tmp:
         with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
             written = write_sharded(tmp, plan.tensors, shard_bytes, bar)
-        model_config.save_pretrained(str(tmp))
-        _copy_side_files(base, tmp, opts.copy_tokenizer)
-        (tmp / RESOLVED_CONFIG).write_text(
-            f"# moeforge {__version__}; rebuild with: moeforge build {RESOLVED_CONFIG} OUT --random-seed {seed}\n"
-            + config.to_yaml(),
-            encoding="utf-8",
-        )
-    for ckpt in opened.values():
-        ckpt.close()
+        for write_side_file in SIDE_FILES:
+            write_side_file(tmp, inputs, plan)
     result = BuildResult(
-        out_dir, layout.name, len(experts), config.experts_per_token, written.files,
-        plan.total_params, plan.active_params, seed,
+        out_dir, inputs.layout.name, len(inputs.experts), inputs.config.experts_per_token, written.files,
+        plan.total_params, plan.active_params, inputs.seed,
     )
     log.info(result.summary())
     return result
+
+
+def _model_config(out: Path, inputs: Inputs, plan) -> None:
+    config = inputs.layout.model_config(inputs.base.config, plan.shape, DTYPES[inputs.out_dtype][0])
+    config.save_pretrained(str(out))
+
+
+def _resolved_config(out: Path, inputs: Inputs, plan) -> None:
+    (out / RESOLVED_CONFIG).write_text(
+        f"# moeforge {__version__}; rebuild with: moeforge build {RESOLVED_CONFIG} OUT --random-seed {inputs.seed}\n"
+        + inputs.config.to_yaml(),
+        encoding="utf-8",
+    )
+
+
+def _base_side_files(out: Path, inputs: Inputs, plan) -> None:
+    """generation_config.json and (unaltered) tokenizer files from the base."""
+    base, copy_tokenizer = inputs.base, inputs.options.copy_tokenizer
+    names = ["generation_config.json"] + (list(TOKENIZER_FILES) if copy_tokenizer else [])
+    copied = []
+    for name in names:
+        src = base.path / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+            copied.append(name)
+    if copy_tokenizer and not any(n in copied for n in TOKENIZER_FILES):
+        log.warning("%s: has no tokenizer files to copy", base.label)
+
+
+# Files written beside the shards, in order: (tmp_dir, inputs, plan) -> None.
+SIDE_FILES = [_model_config, _base_side_files, _resolved_config]
 
 
 def human(n: int) -> str:
@@ -172,16 +241,3 @@ def _output_dtype(config: MoEConfig, base: Checkpoint) -> str:
     if isinstance(name, str) and name in CODE_OF and CODE_OF[name] in ("F32", "F16", "BF16"):
         return CODE_OF[name]
     return base.ref(next(iter(base.tensors))).dtype
-
-
-def _copy_side_files(base: Checkpoint, out: Path, copy_tokenizer: bool) -> None:
-    """generation_config.json and (unaltered) tokenizer files from the base."""
-    names = ["generation_config.json"] + (list(TOKENIZER_FILES) if copy_tokenizer else [])
-    copied = []
-    for name in names:
-        src = base.path / name
-        if src.is_file():
-            shutil.copyfile(src, out / name)
-            copied.append(name)
-    if copy_tokenizer and not any(n in copied for n in TOKENIZER_FILES):
-        log.warning("%s: has no tokenizer files to copy", base.label)
