@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import secrets
 import shutil
@@ -32,6 +33,7 @@ RESOLVED_CONFIG = "moeforge_config.yml"
 class BuildResult:
     out_dir: Path
     layout: str
+    layout_inferred: bool
     num_experts: int
     experts_per_token: int
     files: List[str]
@@ -41,7 +43,7 @@ class BuildResult:
 
     def summary(self) -> str:
         return (
-            f"wrote {self.out_dir}: {self.layout} layout, {self.num_experts} experts (top-{self.experts_per_token}), "
+            f"wrote {self.out_dir}: {self.layout} layout{' (inferred)' if self.layout_inferred else ''}, {self.num_experts} experts (top-{self.experts_per_token}), "
             f"{human(self.total_params)} parameters, {human(self.active_params)} active per token, "
             f"{len(self.files)} shard(s)"
         )
@@ -55,13 +57,25 @@ class Inputs:
     options: BuildOptions
     base: Checkpoint
     experts: List[Tuple[Expert, Checkpoint]]
-    family: "Family"
+    shared: List[Tuple[Expert, Checkpoint]]
+    family: "Family"  # the base's: it decides every non-MLP tensor
     layout: "Layout"
+    layout_inferred: bool
     num_layers: int
     hidden_size: int
     out_dtype: str  # safetensors code
     seed: int
     checkpoints: Dict[str, Checkpoint]
+
+    def family_of(self, ckpt: Checkpoint) -> "Family":
+        from moeforge.families import family_of
+
+        return family_of(ckpt)
+
+    @property
+    def gated(self) -> List[Tuple[Expert, Checkpoint]]:
+        """Experts that get a router row: the routed ones, then a gated shared expert."""
+        return self.experts + (self.shared if self.layout.shared_router else [])
 
     def close(self) -> None:
         for ckpt in self.checkpoints.values():
@@ -96,21 +110,22 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
 
     base = open_once(config.base_model)
     experts = [(e, open_once(e.source_model)) for e in config.experts]
+    shared = [(e, open_once(e.source_model)) for e in config.shared_experts or []]
     family = family_of(base)
-    for expert, ckpt in experts:
+    for expert, ckpt in experts + shared:
         other = family_of(ckpt)
-        if other.name != family.name:
+        if other.name != family.name and not opts.allow_crimes:
             raise SourceError(
                 f"{expert.source_model}: is a {other.name} model but the base is {family.name}; "
-                "all inputs must be of one family"
+                "mixing families needs --allow-crimes"
             )
-    features = family.features(base).union(*(family.features(c) for _, c in experts))
-    layout = select_layout(config.architecture, family.name, features, len(config.shared_experts or []))
+    layout, inferred = select_layout(config.architecture, family.name, family.features(base),
+                                     [e for e, _ in shared], config.gate_mode)
     _check_not_all_same(config, opts)
-    num_layers, hidden = _check_shapes(base, experts, family)
+    num_layers, hidden = _check_shapes(base, experts, shared, layout)
     seed = opts.random_seed if opts.random_seed is not None else secrets.randbelow(2**31)
-    return Inputs(config, opts, base, experts, family, layout, num_layers, hidden, _output_dtype(config, base), seed,
-                  checkpoints)
+    return Inputs(config, opts, base, experts, shared, family, layout, inferred, num_layers, hidden,
+                  _output_dtype(config, base), seed, checkpoints)
 
 
 def plan_tensors(inputs: Inputs) -> "MoEPlan":
@@ -119,25 +134,23 @@ def plan_tensors(inputs: Inputs) -> "MoEPlan":
     from moeforge.gates.compute import degenerate_layers, describe_layers
     from moeforge.plan import plan_moe
 
-    config, n_layers = inputs.config, inputs.num_layers
+    config, n_layers, n_routed = inputs.config, inputs.num_layers, len(inputs.experts)
     gates = compute_gates(
         config.gate_mode,
-        GateInputs(inputs.base, [e for e, _ in inputs.experts], n_layers, inputs.hidden_size, inputs.seed,
+        GateInputs(inputs.base, [e for e, _ in inputs.gated], n_layers, inputs.hidden_size, inputs.seed,
                    inputs.options),
     )
     if config.gate_mode not in RANDOM_GATE_MODES:
-        bad = degenerate_layers(gates)
+        bad = degenerate_layers(gates[:, :n_routed])
         if bad:
             log.warning(
                 "%s %s degenerate routing parameters (ill-conditioned gate matrix): your prompts may be too "
                 "similar, and some experts will be underused", describe_layers(bad, n_layers).capitalize(),
                 "has" if len(bad) == 1 else "have",
             )
-    n_experts = len(inputs.experts)
-    if inputs.layout.name == "mixtral" and n_experts & (n_experts - 1):
-        log.warning("%d experts is not a power of two: llama.cpp cannot run this model", n_experts)
-    return plan_moe(inputs.base, inputs.family, inputs.layout, inputs.experts, gates, inputs.out_dtype,
-                    inputs.seed, n_layers, config.experts_per_token)
+    if inputs.layout.name == "mixtral" and n_routed & (n_routed - 1):
+        log.warning("%d experts is not a power of two: llama.cpp cannot run this model", n_routed)
+    return plan_moe(inputs, gates[:, :n_routed], gates[:, n_routed:])
 
 
 def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
@@ -154,7 +167,8 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
         for write_side_file in SIDE_FILES:
             write_side_file(tmp, inputs, plan)
     result = BuildResult(
-        out_dir, inputs.layout.name, len(inputs.experts), inputs.config.experts_per_token, written.files,
+        out_dir, inputs.layout.name, inputs.layout_inferred, len(inputs.experts), inputs.config.experts_per_token,
+        written.files,
         plan.total_params, plan.active_params, inputs.seed,
     )
     log.info(result.summary())
@@ -163,7 +177,7 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
 
 def _model_config(out: Path, inputs: Inputs, plan) -> None:
     config = inputs.layout.model_config(inputs.base.config, plan.shape, DTYPES[inputs.out_dtype][0])
-    config.save_pretrained(str(out))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _resolved_config(out: Path, inputs: Inputs, plan) -> None:
@@ -208,31 +222,39 @@ def _check_not_all_same(config: MoEConfig, opts: BuildOptions) -> None:
         )
 
 
-def _check_shapes(base: Checkpoint, experts, family):
-    """Every expert must fit the base: same hidden size and depth, MLP tensors present with one shape."""
+def _check_shapes(base: Checkpoint, experts, shared, layout):
+    """Every expert must fit the base: same hidden size and depth, MLP tensors present and consistent."""
+    from moeforge.families import family_of
+
     hidden = base.config_value("hidden_size")
     num_layers = base.config_value("num_hidden_layers")
     if not isinstance(hidden, int) or not isinstance(num_layers, int):
         raise SourceError(f"{base.path / 'config.json'}: needs integer hidden_size and num_hidden_layers")
-    first_shapes = None
-    for expert, ckpt in experts:
+    routed_inter = None
+    for i, (expert, ckpt) in enumerate(experts + shared):
+        is_shared = i >= len(experts)
         for key, want in (("hidden_size", hidden), ("num_hidden_layers", num_layers)):
             got = ckpt.config_value(key)
             if got != want:
                 raise SourceError(f"{expert.source_model}: {key} is {got}, but the base model's is {want}")
+        mlp = family_of(ckpt).mlp_name
+        inter = ckpt.ref(mlp("gate", 0)).shape[0]
         for layer in range(num_layers):
-            shapes = {r: ckpt.ref(family.mlp_name(r, layer)).shape for r in ("gate", "up", "down")}
-            inter = shapes["gate"][0]
+            shapes = {r: ckpt.ref(mlp(r, layer)).shape for r in ("gate", "up", "down")}
             want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
             if shapes != want:
-                raise SourceError(f"{expert.source_model}: layer {layer} MLP shapes {shapes} do not fit hidden size {hidden}")
-            if first_shapes is None:
-                first_shapes = shapes
-            elif shapes != first_shapes:
                 raise SourceError(
-                    f"{expert.source_model}: intermediate size {inter} differs from the first expert's "
-                    f"{first_shapes['gate'][0]} (experts of one layout must match)"
+                    f"{expert.source_model}: layer {layer} MLP shapes {shapes} do not match {want} "
+                    f"(hidden size {hidden}, intermediate size {inter})"
                 )
+        if routed_inter is None:
+            routed_inter = inter
+        elif inter != routed_inter and (not is_shared or layout.name == "deepseek"):
+            kind = "shared expert" if is_shared else "expert"
+            raise SourceError(
+                f"{expert.source_model}: {kind} intermediate size {inter} differs from the routed experts' "
+                f"{routed_inter} ({layout.name} needs them equal)"
+            )
     return num_layers, hidden
 
 

@@ -46,6 +46,7 @@ def cli():
 @click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Dtype of the base model's forward pass for hidden gates.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from the base model's repository.")
 @click.option("--i-understand-this-is-not-useful-without-training", "allow_all_same", is_flag=True, help="Allow every expert to be the same model (sparse upcycling).")
+@click.option("--allow-crimes", is_flag=True, help="Allow experts from other model families than the base.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the new build is complete).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")
 @click.option("--quiet", is_flag=True, help="No progress bars or info messages.")

@@ -17,12 +17,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ModelSpec(_Strict):
+    """`{model: ..., lora: ...}`, the long form of `model+lora`."""
+
+    model: str = Field(min_length=1)
+    lora: Optional[str] = None
+
+    def __str__(self) -> str:
+        return f"{self.model}+{self.lora}" if self.lora else self.model
+
+
 class Expert(_Strict):
-    source_model: str = Field(min_length=1)
+    source_model: Union[str, ModelSpec]
     positive_prompts: Optional[List[str]] = None
     negative_prompts: Optional[List[str]] = None
     noise_scale: Optional[float] = Field(default=None, ge=0)
     residual_scale: Optional[float] = None
+
+    @field_validator("source_model", mode="after")
+    @classmethod
+    def _as_text(cls, v):
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must not be empty")
+        return str(v)
 
     def prompts_key(self) -> tuple:
         return (tuple(self.positive_prompts or ()), tuple(self.negative_prompts or ()))

@@ -18,6 +18,7 @@ class BuildOptions:
     device: str = "auto"
     trust_remote_code: bool = False
     allow_all_same: bool = False  # --i-understand-this-is-not-useful-without-training
+    allow_crimes: bool = False  # mix input families
     hidden_dtype: str = "bfloat16"  # dtype of the base model's forward pass for hidden gates (mergekit: bf16)
     prompt_batch_size: int = 16
     overwrite: bool = False

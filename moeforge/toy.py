@@ -61,7 +61,10 @@ def make_dense(
     if init_from is not None:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(init_from), dtype=torch.float32)
     else:
-        config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[family]
+        config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+        if family == "qwen3":
+            config_overrides.setdefault("head_dim", hidden_size // 4)
         config = config_class(
             vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,

@@ -10,8 +10,10 @@ from moeforge.errors import SourceError
 from moeforge.families.base import Family
 from moeforge.families.llama import LLAMA
 from moeforge.families.mistral import MISTRAL
+from moeforge.families.qwen2 import QWEN2
+from moeforge.families.qwen3 import QWEN3
 
-FAMILIES: List[Family] = [LLAMA, MISTRAL]
+FAMILIES: List[Family] = [LLAMA, MISTRAL, QWEN2, QWEN3]
 
 
 def family_of(checkpoint) -> Family:

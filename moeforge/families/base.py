@@ -37,7 +37,11 @@ class Family:
         return name.endswith(self.skip_suffixes)
 
     def features(self, checkpoint) -> FrozenSet[str]:
-        return frozenset(f for f, t in FEATURE_TENSORS.items() if t in checkpoint.tensors)
+        found = {f for f, t in FEATURE_TENSORS.items() if t in checkpoint.tensors}
+        head_dim, hidden, heads = (checkpoint.config_value(k) for k in ("head_dim", "hidden_size", "num_attention_heads"))
+        if head_dim and heads and head_dim * heads != hidden:
+            found.add("custom_head_dim")  # head_dim * heads != hidden_size: layouts without head_dim can't hold it
+        return frozenset(found)
 
 
 def layer_of(name: str):

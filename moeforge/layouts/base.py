@@ -19,7 +19,6 @@ class MoEShape:
 @dataclasses.dataclass(frozen=True)
 class Layout:
     name: str  # the `architecture:` value
-    config_class: str  # transformers config class that validates and fills the config
     architectures: Tuple[str, ...]
     families: Tuple[str, ...]  # input families whose attention it expresses exactly
     features: FrozenSet[str]  # attention features (families.base.FEATURE_TENSORS) it can hold
@@ -27,12 +26,14 @@ class Layout:
     expert: Dict[str, str]
     router: str  # with {layer}
     moe_config: Callable[[MoEShape], dict]
+    config_class: Optional[str] = None  # transformers class that validates and fills the config, if native
+    model_type: Optional[str] = None  # for layouts without a transformers class
     max_shared_experts: int = 0
     min_shared_experts: int = 0
     shared_expert: Optional[Dict[str, str]] = None  # role -> name with {layer}
-    shared_router: Optional[str] = None
+    shared_router: Optional[str] = None  # a gated shared expert's router row, with {layer}
     required_features: FrozenSet[str] = frozenset()  # filled with zeros when the input lacks them
-    drop_config_keys: Tuple[str, ...] = ()
+    notes: str = ""
 
     def expert_name(self, role: str, layer: int, expert: int) -> str:
         return self.expert[role].format(layer=layer, expert=expert)
@@ -41,7 +42,7 @@ class Layout:
         return self.router.format(layer=layer)
 
     def refusal(self, family_name: str, features: FrozenSet[str]) -> Optional[str]:
-        """Why this layout cannot express an input, or None."""
+        """Why this layout cannot express an input's attention, or None."""
         if family_name not in self.families:
             return f"{self.name} takes {'/'.join(self.families)} inputs, not {family_name}"
         missing = sorted(features - self.features)
@@ -49,16 +50,35 @@ class Layout:
             return f"{self.name} cannot express {', '.join(missing)}"
         return None
 
-    def model_config(self, base_config: dict, shape: MoEShape, dtype: str):
-        """The output's transformers config: the base's keys, this layout's MoE keys, validated by its class."""
-        import transformers
+    def shared_refusal(self, shared, gate_mode: str) -> Optional[str]:
+        """Why this layout cannot take these shared experts, or None."""
+        if len(shared) > self.max_shared_experts:
+            if self.max_shared_experts == 0:
+                return f"{self.name} has no shared experts (remove shared_experts)"
+            return f"{self.name} takes at most {self.max_shared_experts} shared expert(s)"
+        if len(shared) < self.min_shared_experts:
+            return f"{self.name} needs {self.min_shared_experts} shared expert(s) in shared_experts"
+        prompted = [bool(e.positive_prompts) for e in shared]
+        if self.shared_router is None and any(prompted):
+            return f"{self.name} shared experts are ungated: remove their prompts"
+        if self.shared_router is not None and gate_mode not in ("random", "uniform_random") and not all(prompted):
+            return f"{self.name} gates its shared expert: give it positive_prompts (or use a random gate_mode)"
+        return None
 
+    def model_config(self, base_config: dict, shape: MoEShape, dtype: str) -> dict:
+        """The output's config.json: the base's keys plus this layout's MoE keys, validated by transformers
+        where the layout has a native class."""
         keys = {k: v for k, v in base_config.items() if k not in _NOT_CARRIED}
         keys.update(self.moe_config(shape))
+        if self.config_class is None:
+            return {"architectures": list(self.architectures), "model_type": self.model_type, **keys,
+                    "torch_dtype": dtype}
+        import transformers
+
         config = getattr(transformers, self.config_class)(**keys)
         config.architectures = list(self.architectures)
         config.dtype = dtype
-        return config
+        return config.to_dict()
 
 
 # Identity and bookkeeping keys of the base, never carried into the MoE's config.

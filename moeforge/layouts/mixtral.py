@@ -12,10 +12,9 @@ def _moe_config(shape: MoEShape) -> dict:
 
 MIXTRAL = Layout(
     name="mixtral",
-    config_class="MixtralConfig",
     architectures=("MixtralForCausalLM",),
     families=("llama", "mistral"),
-    features=frozenset(),
+    features=frozenset({"custom_head_dim"}),
     expert={
         "gate": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
         "down": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
@@ -23,4 +22,5 @@ MIXTRAL = Layout(
     },
     router="model.layers.{layer}.block_sparse_moe.gate.weight",
     moe_config=_moe_config,
+    config_class="MixtralConfig",
 )

@@ -4,13 +4,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from typing import List, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from moeforge.config import Expert
-from moeforge.families.base import MLP_ROLES, Family, layer_of
-from moeforge.layouts.base import Layout, MoEShape
+from moeforge.families.base import MLP_ROLES, layer_of
+from moeforge.layouts.base import MoEShape
 from moeforge.plan.tensors import FromSource, FromValue, PlannedTensor, output_dtype
-from moeforge.sources.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from moeforge.builder import Inputs
+
+# Zero tensors that make an input's attention fit a layout that always has them (same function).
+_ZERO_FILLS = {"qkv_bias": ("q_proj", "k_proj", "v_proj")}
 
 
 @dataclasses.dataclass
@@ -25,7 +29,7 @@ class MoEPlan:
 
     @property
     def active_params(self) -> int:
-        """Parameters used per token: all but the routed experts not chosen."""
+        """Parameters used per token: everything but the routed experts that are not chosen."""
         routed = sum(t.numel for t in self.tensors if t.routed)
         per_expert = routed // max(self.shape.num_experts, 1)
         return self.total_params - routed + per_expert * self.shape.experts_per_token
@@ -41,7 +45,7 @@ def noise_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _sort_key(name: str) -> Tuple:
+def sort_key(name: str) -> Tuple:
     """Embeddings, then layer by layer, then the rest; numbers compare as numbers (experts.2 < experts.10)."""
     natural = tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
     layer = layer_of(name)
@@ -50,41 +54,73 @@ def _sort_key(name: str) -> Tuple:
     return (0 if "embed" in name else 2, 0, natural)
 
 
-def plan_moe(
-    base: Checkpoint,
-    family: Family,
-    layout: Layout,
-    experts: Sequence[Tuple[Expert, Checkpoint]],
-    routers,  # torch.Tensor (layers, experts, hidden)
-    out_dtype: str,
-    seed: int,
-    num_layers: int,
-    experts_per_token: int,
-) -> MoEPlan:
+def source_tensor(out_name: str, ckpt, name: str, out_dtype: str, seed: int, expert=None, role: Optional[str] = None,
+                  routed: bool = False) -> PlannedTensor:
+    """A planned copy of one source tensor, with the expert's noise/scale and any LoRA delta attached."""
+    ref = ckpt.ref(name)
+    noise = expert.noise_scale if expert is not None else None
+    scale = expert.residual_scale if expert is not None and role == "down" else None
+    source = FromSource(ckpt, name, scale=scale, noise_scale=noise,
+                        noise_seed=noise_seed(seed, out_name) if noise else None, delta=ckpt.delta_for(name))
+    return PlannedTensor(out_name, ref.shape, output_dtype(ref.dtype, out_dtype), source, routed=routed)
+
+
+def plan_moe(inputs: "Inputs", routers, shared_routers=None) -> MoEPlan:
+    """`routers`: (layers, experts, hidden); `shared_routers`: (layers, 1, hidden) for gated shared experts."""
+    base, layout, family, out_dtype, seed = inputs.base, inputs.layout, inputs.family, inputs.out_dtype, inputs.seed
     tensors: List[PlannedTensor] = []
-    for name in sorted(base.tensors, key=_sort_key):
-        if family.is_mlp(name) or family.is_skipped(name):
-            continue
-        ref = base.tensors[name]
-        tensors.append(PlannedTensor(name, ref.shape, output_dtype(ref.dtype, out_dtype), FromSource(base, name)))
+    for name in base.tensors:
+        if not (family.is_mlp(name) or family.is_skipped(name)):
+            tensors.append(source_tensor(name, base, name, out_dtype, seed))
+    tensors += _zero_fills(inputs)
 
-    for layer in range(num_layers):
-        gate = routers[layer].contiguous()
-        tensors.append(PlannedTensor(layout.router_name(layer), tuple(gate.shape), out_dtype, FromValue(gate)))
-        for index, (expert, ckpt) in enumerate(experts):
+    for layer in range(inputs.num_layers):
+        tensors.append(_value(layout.router_name(layer), routers[layer], out_dtype))
+        for index, (expert, ckpt) in enumerate(inputs.experts):
+            mlp = inputs.family_of(ckpt).mlp_name
             for role in MLP_ROLES:
-                out_name = layout.expert_name(role, layer, index)
-                ref = ckpt.ref(family.mlp_name(role, layer))
-                source = FromSource(
-                    ckpt,
-                    ref.name,
-                    scale=expert.residual_scale if role == "down" else None,
-                    noise_scale=expert.noise_scale,
-                    noise_seed=noise_seed(seed, out_name) if expert.noise_scale else None,
-                )
-                dtype = output_dtype(ref.dtype, out_dtype)
-                tensors.append(PlannedTensor(out_name, ref.shape, dtype, source, routed=True))
+                tensors.append(source_tensor(layout.expert_name(role, layer, index), ckpt, mlp(role, layer),
+                                             out_dtype, seed, expert, role, routed=True))
+        for expert, ckpt in inputs.shared:
+            mlp = inputs.family_of(ckpt).mlp_name
+            for role in MLP_ROLES:
+                out_name = layout.shared_expert[role].format(layer=layer)
+                tensors.append(source_tensor(out_name, ckpt, mlp(role, layer), out_dtype, seed, expert, role))
+        if layout.shared_router and inputs.shared:
+            tensors.append(_value(layout.shared_router.format(layer=layer), shared_routers[layer], out_dtype))
 
-    tensors.sort(key=lambda t: _sort_key(t.name))
-    intermediate = experts[0][1].ref(family.mlp_name("gate", 0)).shape[0]
-    return MoEPlan(tensors, MoEShape(len(experts), experts_per_token, intermediate), num_layers)
+    tensors.sort(key=lambda t: sort_key(t.name))
+    return MoEPlan(tensors, moe_shape(inputs), inputs.num_layers)
+
+
+def moe_shape(inputs: "Inputs") -> MoEShape:
+    def intermediate(ckpt) -> int:
+        return ckpt.ref(inputs.family_of(ckpt).mlp_name("gate", 0)).shape[0]
+
+    return MoEShape(
+        num_experts=len(inputs.experts),
+        experts_per_token=inputs.config.experts_per_token,
+        intermediate_size=intermediate(inputs.experts[0][1]),
+        num_shared_experts=len(inputs.shared),
+        shared_intermediate_size=sum(intermediate(c) for _, c in inputs.shared),
+    )
+
+
+def _value(name: str, tensor, out_dtype: str) -> PlannedTensor:
+    tensor = tensor.contiguous()
+    return PlannedTensor(name, tuple(tensor.shape), out_dtype, FromValue(tensor))
+
+
+def _zero_fills(inputs: "Inputs") -> List[PlannedTensor]:
+    import torch
+
+    missing = inputs.layout.required_features - inputs.family.features(inputs.base)
+    fills = []
+    for feature in sorted(missing):
+        if feature not in _ZERO_FILLS:
+            raise AssertionError(f"layout {inputs.layout.name} requires {feature} but cannot fill it")
+        for layer in range(inputs.num_layers):
+            for proj in _ZERO_FILLS[feature]:
+                rows = inputs.base.ref(f"model.layers.{layer}.self_attn.{proj}.weight").shape[0]
+                fills.append(_value(f"model.layers.{layer}.self_attn.{proj}.bias", torch.zeros(rows), inputs.out_dtype))
+    return fills

@@ -18,6 +18,7 @@ class FromSource:
     scale: Optional[float] = None
     noise_scale: Optional[float] = None
     noise_seed: Optional[int] = None
+    delta: Optional[object] = None  # a sources.lora.LoraDelta added before noise and scale
 
     @property
     def ref(self):
@@ -25,7 +26,7 @@ class FromSource:
 
     @property
     def transformed(self) -> bool:
-        return bool(self.noise_scale) or (self.scale is not None and self.scale != 1.0)
+        return bool(self.noise_scale) or (self.scale is not None and self.scale != 1.0) or self.delta is not None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -89,6 +89,7 @@ class Checkpoint:
         self.path = Path(path)
         self.label = label or str(path)
         self._handles: dict = {}
+        self.adapter = None  # a LoraAdapter whose deltas apply to this checkpoint's tensors
         self.tensors: Dict[str, TensorRef] = self._index()
 
     # ---- metadata ---------------------------------------------------------------------------------
@@ -197,8 +198,13 @@ class Checkpoint:
             handle = self._handles[file] = safe_open(str(file), framework="pt")
         return handle
 
+    def delta_for(self, name: str):
+        return self.adapter.delta_for(name) if self.adapter is not None else None
+
     def close(self) -> None:
         self._handles.clear()
+        if self.adapter is not None:
+            self.adapter.weights.close()
 
 
 def _weight_map(index: Path) -> Dict[str, str]:
@@ -213,8 +219,14 @@ def _weight_map(index: Path) -> Dict[str, str]:
 
 
 def open_checkpoint(text: str) -> Checkpoint:
-    from moeforge.sources.resolve import resolve_model
+    """A model reference (`dir`, `org/name@rev`, `model+adapter`) opened lazily."""
+    from moeforge.sources.lora import LoraAdapter
+    from moeforge.sources.resolve import resolve_adapter, resolve_model
 
-    return Checkpoint(resolve_model(text), label=text)
+    ckpt = Checkpoint(resolve_model(text), label=text)
+    adapter_dir = resolve_adapter(text)
+    if adapter_dir is not None:
+        ckpt.adapter = LoraAdapter(adapter_dir, label=text)
+    return ckpt
 
 

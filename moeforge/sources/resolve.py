@@ -14,25 +14,41 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _ALLOW = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
+def resolve_adapter(text: str) -> Optional[Path]:
+    """The LoRA adapter directory of a `model+adapter` reference, or None."""
+    ref = ModelRef.parse(text)
+    if ref.lora is None:
+        return None
+    return _resolve(ModelRef.parse(ref.lora), ref.lora)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelRef:
     name: str
     revision: Optional[str] = None
+    lora: Optional[str] = None  # mergekit's `model+adapter` syntax
 
     @classmethod
     def parse(cls, text: str) -> "ModelRef":
+        lora = None
+        if not os.path.exists(os.path.expanduser(text)) and "+" in text:
+            text, _, lora = text.rpartition("+")
         if os.path.exists(os.path.expanduser(text)) or "@" not in text:
-            return cls(text)
+            return cls(text, None, lora or None)
         name, _, revision = text.rpartition("@")
-        return cls(name, revision or None)
+        return cls(name, revision or None, lora or None)
 
     def __str__(self) -> str:
-        return self.name + (f"@{self.revision}" if self.revision else "")
+        return self.name + (f"@{self.revision}" if self.revision else "") + (f"+{self.lora}" if self.lora else "")
 
 
 def resolve_model(text: str) -> Path:
-    """Local directory for a reference, using huggingface_hub's cache for Hub ids."""
+    """Local directory for a reference (without its adapter), using huggingface_hub's cache for Hub ids."""
     ref = ModelRef.parse(text)
+    return _resolve(ref, text)
+
+
+def _resolve(ref: ModelRef, text: str) -> Path:
     local = Path(os.path.expanduser(ref.name))
     if local.exists():
         if not local.is_dir():

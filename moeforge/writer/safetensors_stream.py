@@ -170,10 +170,13 @@ def _converted_chunks(t: PlannedTensor):
         yield _as_bytes(src.tensor.to(out_dtype))
         return
     assert isinstance(src, FromSource)
-    if src.noise_scale:  # whole tensor: the noise must not depend on chunking
+    if src.noise_scale or src.delta is not None:  # whole tensor: noise must not depend on chunking
         x = src.checkpoint.load(src.name).float()
-        gen = torch.Generator().manual_seed(src.noise_seed)
-        x = x + torch.randn(x.shape, generator=gen) * src.noise_scale
+        if src.delta is not None:
+            x = x + src.delta.compute()
+        if src.noise_scale:
+            gen = torch.Generator().manual_seed(src.noise_seed)
+            x = x + torch.randn(x.shape, generator=gen) * src.noise_scale
         if src.scale is not None:
             x = x * src.scale
         yield _as_bytes(x.to(out_dtype))

@@ -1,0 +1,48 @@
+"""Qwen2-MoE (Qwen2MoeForCausalLM): routed experts plus one shared expert scaled by a sigmoid gate.
+
+Its attention always has q/k/v biases: inputs without them get zeros (same function).
+"""
+from moeforge.layouts.base import Layout, MoEShape
+
+QWEN_EXPERT = {
+    "gate": "model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
+    "up": "model.layers.{layer}.mlp.experts.{expert}.up_proj.weight",
+    "down": "model.layers.{layer}.mlp.experts.{expert}.down_proj.weight",
+}
+
+
+def _moe_config(shape: MoEShape) -> dict:
+    return {
+        "num_experts": shape.num_experts,
+        "num_experts_per_tok": shape.experts_per_token,
+        "moe_intermediate_size": shape.intermediate_size,
+        "shared_expert_intermediate_size": shape.shared_intermediate_size,
+        "intermediate_size": shape.intermediate_size,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,  # renormalised top-k: identical experts reproduce the dense MLP
+        "qkv_bias": True,
+        "use_sliding_window": False,
+        "sliding_window": None,
+    }
+
+
+QWEN2_MOE = Layout(
+    name="qwen",
+    architectures=("Qwen2MoeForCausalLM",),
+    families=("llama", "mistral", "qwen2"),
+    features=frozenset({"qkv_bias"}),
+    required_features=frozenset({"qkv_bias"}),
+    expert=QWEN_EXPERT,
+    router="model.layers.{layer}.mlp.gate.weight",
+    moe_config=_moe_config,
+    config_class="Qwen2MoeConfig",
+    min_shared_experts=1,
+    max_shared_experts=1,
+    shared_expert={
+        "gate": "model.layers.{layer}.mlp.shared_expert.gate_proj.weight",
+        "up": "model.layers.{layer}.mlp.shared_expert.up_proj.weight",
+        "down": "model.layers.{layer}.mlp.shared_expert.down_proj.weight",
+    },
+    shared_router="model.layers.{layer}.mlp.shared_expert_gate.weight",
+)
