@@ -55,14 +55,18 @@ def sort_key(name: str) -> Tuple:
 
 
 def source_tensor(out_name: str, ckpt, name: str, out_dtype: str, seed: int, expert=None, role: Optional[str] = None,
-                  routed: bool = False) -> PlannedTensor:
-    """A planned copy of one source tensor, with the expert's noise/scale and any LoRA delta attached."""
+                  routed: bool = False, **extra) -> PlannedTensor:
+    """A planned copy of one source tensor, with the expert's noise/scale and any LoRA delta attached;
+    `extra` (part, reinit, scale) comes from upcycling."""
     ref = ckpt.ref(name)
     noise = expert.noise_scale if expert is not None else None
     scale = expert.residual_scale if expert is not None and role == "down" else None
+    extra_scale = extra.pop("scale", None)
+    if extra_scale is not None:
+        scale = extra_scale * (1.0 if scale is None else scale)
     source = FromSource(ckpt, name, scale=scale, noise_scale=noise,
-                        noise_seed=noise_seed(seed, out_name) if noise else None, delta=ckpt.delta_for(name))
-    return PlannedTensor(out_name, ref.shape, output_dtype(ref.dtype, out_dtype), source, routed=routed)
+                        noise_seed=noise_seed(seed, out_name) if noise else None, delta=ckpt.delta_for(name), **extra)
+    return PlannedTensor(out_name, source.shape, output_dtype(ref.dtype, out_dtype), source, routed=routed)
 
 
 def plan_moe(inputs: "Inputs", routers, shared_routers=None) -> MoEPlan:

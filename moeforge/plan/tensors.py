@@ -1,4 +1,4 @@
-"""Planned tensors and the two places their bytes come from."""
+"""Planned tensors and the two places their bytes come from: a source tensor, or a computed value."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,23 +10,106 @@ FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
 
 @dataclasses.dataclass(frozen=True)
+class Part:
+    """A contiguous range of a source tensor along one dimension (fine-grained experts)."""
+
+    dim: int
+    start: int
+    stop: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Reinit:
+    """Re-draw some slices along `dim` from N(mean, std) of the tensor itself (Drop-Upcycling)."""
+
+    dim: int
+    indices: Tuple[int, ...]
+    seed: int
+
+    def apply(self, x):
+        import torch
+
+        gen = torch.Generator().manual_seed(self.seed)
+        idx = torch.tensor(self.indices, dtype=torch.long)
+        shape = list(x.shape)
+        shape[self.dim] = len(self.indices)
+        fresh = torch.randn(shape, generator=gen) * x.std() + x.mean()
+        return x.index_copy(self.dim, idx, fresh)
+
+
+@dataclasses.dataclass(frozen=True)
 class FromSource:
-    """A source tensor, optionally with Gaussian noise and a scale applied (in float32) before the cast."""
+    """A source tensor (or a part of it) with optional LoRA delta, re-initialised slices, noise and scale,
+    applied in that order before the cast to the output dtype."""
 
     checkpoint: Checkpoint
     name: str
     scale: Optional[float] = None
     noise_scale: Optional[float] = None
     noise_seed: Optional[int] = None
-    delta: Optional[object] = None  # a sources.lora.LoraDelta added before noise and scale
+    delta: Optional[object] = None  # a sources.lora.LoraDelta
+    part: Optional[Part] = None
+    reinit: Optional[Reinit] = None
 
     @property
     def ref(self):
         return self.checkpoint.ref(self.name)
 
     @property
+    def shape(self) -> Tuple[int, ...]:
+        shape = list(self.ref.shape)
+        if self.part is not None:
+            shape[self.part.dim] = self.part.stop - self.part.start
+        return tuple(shape)
+
+    @property
     def transformed(self) -> bool:
-        return bool(self.noise_scale) or (self.scale is not None and self.scale != 1.0) or self.delta is not None
+        return self.whole_tensor or (self.scale is not None and self.scale != 1.0)
+
+    @property
+    def whole_tensor(self) -> bool:
+        """Transforms that need the whole tensor at once (their result must not depend on chunking)."""
+        return bool(self.noise_scale) or self.delta is not None or self.reinit is not None
+
+    def byte_range(self) -> Optional[Tuple[int, int]]:
+        """(start, stop) file offsets when the output is exactly a byte range of a safetensors file."""
+        ref = self.ref
+        if self.transformed or ref.start is None:
+            return None
+        if self.part is None:
+            return ref.start, ref.end
+        if self.part.dim != 0:
+            return None
+        row = ref.nbytes // max(ref.shape[0], 1)
+        return ref.start + self.part.start * row, ref.start + self.part.stop * row
+
+    def tensors(self, chunk_bytes: int):
+        """The output values as torch tensors, in row chunks of about `chunk_bytes` where transforms allow."""
+        if self.whole_tensor:
+            x = self.checkpoint.load(self.name).float()
+            if self.delta is not None:
+                x = x + self.delta.compute()
+            if self.part is not None:
+                x = x.narrow(self.part.dim, self.part.start, self.part.stop - self.part.start)
+            if self.reinit is not None:
+                x = self.reinit.apply(x)
+            if self.noise_scale:
+                import torch
+
+                gen = torch.Generator().manual_seed(self.noise_seed)
+                x = x + torch.randn(x.shape, generator=gen) * self.noise_scale
+            yield x * self.scale if self.scale is not None else x
+            return
+        ref = self.ref
+        row_range = (self.part.start, self.part.stop) if self.part is not None and self.part.dim == 0 else None
+        first, last = row_range or (0, ref.shape[0] if ref.shape else 1)
+        row_bytes = max(1, ref.nbytes // max(ref.shape[0] if ref.shape else 1, 1)) * 4  # float32 headroom
+        step = max(1, chunk_bytes // row_bytes)
+        for start in range(first, last, step):
+            x = self.checkpoint.load_rows(self.name, start, min(last, start + step))
+            if self.part is not None and self.part.dim != 0:
+                x = x.narrow(self.part.dim, self.part.start, self.part.stop - self.part.start)
+            yield x * self.scale if self.scale is not None else x  # in the source dtype, as mergekit
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -58,11 +141,12 @@ class PlannedTensor:
             n *= d
         return n
 
-    @property
-    def is_raw_copy(self) -> bool:
-        """True when the output bytes are exactly a byte range of a source safetensors file."""
+    def raw_range(self) -> Optional[Tuple[int, int]]:
+        """Source file offsets when the output bytes are exactly a byte range of a safetensors file."""
         src = self.source
-        return isinstance(src, FromSource) and not src.transformed and src.ref.start is not None and src.ref.dtype == self.dtype
+        if isinstance(src, FromSource) and src.ref.dtype == self.dtype:
+            return src.byte_range()
+        return None
 
 
 def output_dtype(source_code: str, out_code: str) -> str:

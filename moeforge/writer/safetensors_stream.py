@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from moeforge.errors import MoeforgeError
-from moeforge.plan.tensors import FromSource, FromValue, PlannedTensor
+from moeforge.plan.tensors import FromValue, PlannedTensor
 from moeforge.sources.checkpoint import DTYPES
 
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -113,9 +113,10 @@ class _Copier:
         try:
             _write_all(fd, encode_header(shard))
             for t in shard:
-                if t.is_raw_copy:
-                    ref = t.source.ref
-                    self._copy_range(self._src_fd(ref.file), fd, ref.start, t.nbytes, ref.file)
+                raw = t.raw_range()
+                if raw is not None:
+                    path_in = t.source.ref.file
+                    self._copy_range(self._src_fd(path_in), fd, raw[0], raw[1] - raw[0], path_in)
                 else:
                     for chunk in _converted_chunks(t):
                         _write_all(fd, chunk)
@@ -169,23 +170,5 @@ def _converted_chunks(t: PlannedTensor):
     if isinstance(src, FromValue):
         yield _as_bytes(src.tensor.to(out_dtype))
         return
-    assert isinstance(src, FromSource)
-    if src.noise_scale or src.delta is not None:  # whole tensor: noise must not depend on chunking
-        x = src.checkpoint.load(src.name).float()
-        if src.delta is not None:
-            x = x + src.delta.compute()
-        if src.noise_scale:
-            gen = torch.Generator().manual_seed(src.noise_seed)
-            x = x + torch.randn(x.shape, generator=gen) * src.noise_scale
-        if src.scale is not None:
-            x = x * src.scale
-        yield _as_bytes(x.to(out_dtype))
-        return
-    rows = t.shape[0] if t.shape else 1
-    row_bytes = max(1, t.nbytes // max(rows, 1)) * 4  # room for a float32 intermediate
-    step = max(1, CHUNK_BYTES // row_bytes)
-    for start in range(0, rows, step):
-        x = src.checkpoint.load_rows(src.name, start, min(rows, start + step))
-        if src.scale is not None:
-            x = x * src.scale  # in the source dtype, as mergekit does, so results match bit for bit
+    for x in src.tensors(CHUNK_BYTES):
         yield _as_bytes(x.to(out_dtype))
