@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import secrets
 import shutil
 from pathlib import Path
@@ -37,14 +38,17 @@ class BuildResult:
     num_experts: int
     experts_per_token: int
     files: List[str]
+    dense_params: int  # the base model's, for the "7.24B -> 24.15B" comparison
     total_params: int
     active_params: int
     random_seed: int
 
     def summary(self) -> str:
+        inferred = " (inferred)" if self.layout_inferred else ""
         return (
-            f"wrote {self.out_dir}: {self.layout} layout{' (inferred)' if self.layout_inferred else ''}, {self.num_experts} experts (top-{self.experts_per_token}), "
-            f"{human(self.total_params)} parameters, {human(self.active_params)} active per token, "
+            f"wrote {self.out_dir}: {self.layout} layout{inferred}, {self.num_experts} experts "
+            f"(top-{self.experts_per_token}); parameters: dense base {human(self.dense_params)} -> "
+            f"{human(self.total_params)} total, {human(self.active_params)} active per token; "
             f"{len(self.files)} shard(s)"
         )
 
@@ -73,9 +77,29 @@ class Inputs:
         return family_of(ckpt)
 
     @property
+    def granularity(self) -> int:
+        return self.config.upcycle.granularity if self.config.upcycle else 1
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.config.experts_per_token * self.granularity
+
+    def expert_extras(self, index: int, layer: int, role: str, intermediate: int) -> dict:
+        """Upcycling's per-tensor transforms for routed expert `index`; none for a plain build."""
+        if self.config.upcycle is None:
+            return {}
+        from moeforge.plan.upcycle import expert_extras
+
+        return expert_extras(self, index, layer, role, intermediate)
+
+    @property
     def gated(self) -> List[Tuple[Expert, Checkpoint]]:
         """Experts that get a router row: the routed ones, then a gated shared expert."""
         return self.experts + (self.shared if self.layout.shared_router else [])
+
+    @property
+    def base_params(self) -> int:
+        return sum(math.prod(ref.shape) for name, ref in self.base.tensors.items() if not self.family.is_skipped(name))
 
     def close(self) -> None:
         for ckpt in self.checkpoints.values():
@@ -121,8 +145,13 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
             )
     layout, inferred = select_layout(config.architecture, family.name, family.features(base),
                                      [e for e, _ in shared], config.gate_mode)
-    _check_not_all_same(config, opts)
+    if config.upcycle is None:
+        _check_not_all_same(config, opts)
     num_layers, hidden = _check_shapes(base, experts, shared, layout)
+    if config.upcycle is not None:
+        from moeforge.plan.upcycle import check_granularity
+
+        check_granularity(base.ref(family.mlp_name("gate", 0)).shape[0], config.upcycle.granularity)
     seed = opts.random_seed if opts.random_seed is not None else secrets.randbelow(2**31)
     return Inputs(config, opts, base, experts, shared, family, layout, inferred, num_layers, hidden,
                   _output_dtype(config, base), seed, checkpoints)
@@ -134,14 +163,16 @@ def plan_tensors(inputs: Inputs) -> "MoEPlan":
     from moeforge.gates.compute import degenerate_layers, describe_layers
     from moeforge.plan import plan_moe
 
-    config, n_layers, n_routed = inputs.config, inputs.num_layers, len(inputs.experts)
+    config, n_layers, n_routed, g = inputs.config, inputs.num_layers, len(inputs.experts), inputs.granularity
+    gated = inputs.experts[::g] + inputs.gated[n_routed:]  # one row per copy when experts are fine-grained
     gates = compute_gates(
         config.gate_mode,
-        GateInputs(inputs.base, [e for e, _ in inputs.gated], n_layers, inputs.hidden_size, inputs.seed,
-                   inputs.options),
+        GateInputs(inputs.base, [e for e, _ in gated], n_layers, inputs.hidden_size, inputs.seed, inputs.options),
     )
+    n_rows = n_routed // g
+    routed, shared = gates[:, :n_rows].repeat_interleave(g, dim=1), gates[:, n_rows:]
     if config.gate_mode not in RANDOM_GATE_MODES:
-        bad = degenerate_layers(gates[:, :n_routed])
+        bad = degenerate_layers(routed)
         if bad:
             log.warning(
                 "%s %s degenerate routing parameters (ill-conditioned gate matrix): your prompts may be too "
@@ -150,7 +181,7 @@ def plan_tensors(inputs: Inputs) -> "MoEPlan":
             )
     if inputs.layout.name == "mixtral" and n_routed & (n_routed - 1):
         log.warning("%d experts is not a power of two: llama.cpp cannot run this model", n_routed)
-    return plan_moe(inputs, gates[:, :n_routed], gates[:, n_routed:])
+    return plan_moe(inputs, routed, shared)
 
 
 def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
@@ -167,9 +198,8 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
         for write_side_file in SIDE_FILES:
             write_side_file(tmp, inputs, plan)
     result = BuildResult(
-        out_dir, inputs.layout.name, inputs.layout_inferred, len(inputs.experts), inputs.config.experts_per_token,
-        written.files,
-        plan.total_params, plan.active_params, inputs.seed,
+        out_dir, inputs.layout.name, inputs.layout_inferred, len(inputs.experts), inputs.experts_per_token,
+        written.files, inputs.base_params, plan.total_params, plan.active_params, inputs.seed,
     )
     log.info(result.summary())
     return result

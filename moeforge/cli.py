@@ -36,26 +36,61 @@ def cli():
     """Turn dense transformer checkpoints into Mixture-of-Experts checkpoints."""
 
 
+def output_options(fn):
+    """Flags shared by every command that writes a checkpoint."""
+    for option in reversed([
+        click.option("--random-seed", type=int, default=None, help="Seed for random gates and noise (default: drawn, recorded in the output)."),
+        click.option("--out-shard-size", default="5B", show_default=True, help="Max shard size: parameters (5B, 500M) or bytes (4GB, 4GiB)."),
+        click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the base's tokenizer files."),
+        click.option("--device", default="auto", show_default=True, help="Device for hidden-state gates: cpu, cuda, cuda:N or auto."),
+        click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Dtype of the base model's forward pass for hidden gates."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from the base model's repository."),
+        click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the new build is complete)."),
+        click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors."),
+        click.option("--quiet", is_flag=True, help="No progress bars or info messages."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @cli.command("build")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.argument("out_path", metavar="OUT", type=click.Path(file_okay=True))
-@click.option("--random-seed", type=int, default=None, help="Seed for random gates and noise (default: drawn, recorded in the output).")
-@click.option("--out-shard-size", default="5B", show_default=True, help="Max shard size: parameters (5B, 500M) or bytes (4GB, 4GiB).")
-@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the base's tokenizer files.")
-@click.option("--device", default="auto", show_default=True, help="Device for hidden-state gates: cpu, cuda, cuda:N or auto.")
-@click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Dtype of the base model's forward pass for hidden gates.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from the base model's repository.")
+@output_options
 @click.option("--i-understand-this-is-not-useful-without-training", "allow_all_same", is_flag=True, help="Allow every expert to be the same model (sparse upcycling).")
 @click.option("--allow-crimes", is_flag=True, help="Allow experts from other model families than the base.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the new build is complete).")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")
-@click.option("--quiet", is_flag=True, help="No progress bars or info messages.")
-def build_cmd(config_path, out_path, verbose, quiet, **options):
+def build_cmd(config_path, out_path, **options):
     """Build an MoE checkpoint in OUT from the YAML recipe CONFIG."""
+    _build(config_path, out_path, **options)
+
+
+@cli.command("upcycle")
+@click.argument("model", metavar="MODEL")
+@click.argument("out_path", metavar="OUT", type=click.Path(file_okay=True))
+@click.option("--num-experts", type=click.IntRange(min=1), required=True, help="Number of expert copies N.")
+@click.option("--experts-per-token", type=click.IntRange(min=1), default=2, show_default=True, help="Top-k (per copy).")
+@click.option("--architecture", type=click.Choice(["mixtral", "qwen", "qwen3", "deepseek"]), default=None, help="Output layout (default: inferred).")
+@click.option("--gate-mode", type=click.Choice(["uniform_random", "random"]), default="uniform_random", show_default=True, help="Router init.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Output dtype (default: the model's).")
+@click.option("--noise-scale", type=click.FloatRange(min=0), default=None, help="Gaussian noise added to each expert's weights.")
+@click.option("--drop-ratio", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Drop-Upcycling: share of neurons re-initialised per expert.")
+@click.option("--granularity", type=click.IntRange(min=1), default=1, show_default=True, help="Fine-grained experts: segments per copy.")
+@output_options
+def upcycle_cmd(model, out_path, num_experts, experts_per_token, architecture, gate_mode, dtype, noise_scale,
+                drop_ratio, granularity, **options):
+    """Turn one dense MODEL into an N-expert MoE in OUT, ready for training (sparse upcycling)."""
+    upcycle = {"source_model": model, "num_experts": num_experts, "drop_ratio": drop_ratio,
+               "granularity": granularity, **({"noise_scale": noise_scale} if noise_scale else {})}
+    config = {"upcycle": upcycle, "experts_per_token": experts_per_token, "gate_mode": gate_mode,
+              **({"dtype": dtype} if dtype else {}), **({"architecture": architecture} if architecture else {})}
+    _build(config, out_path, **options)
+
+
+def _build(config, out_path, verbose, quiet, **options):
     _setup_logging(verbose, quiet)
     from moeforge.builder import build
 
-    result = _run(build, config_path, out_path, verbose=verbose, quiet=quiet, **options)
+    result = _run(build, config, out_path, verbose=verbose, quiet=quiet, **options)
     if not quiet:
         click.echo(f"moeforge: {result.summary()}", err=True)
 

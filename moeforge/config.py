@@ -45,8 +45,18 @@ class Expert(_Strict):
         return (tuple(self.positive_prompts or ()), tuple(self.negative_prompts or ()))
 
 
+class Upcycle(_Strict):
+    """One dense model becomes N experts (sparse upcycling); see moeforge/plan/upcycle.py."""
+
+    source_model: str = Field(min_length=1)
+    num_experts: int = Field(ge=1)
+    noise_scale: Optional[float] = Field(default=None, ge=0)
+    drop_ratio: float = Field(default=0.0, ge=0, le=1)  # Drop-Upcycling's r
+    granularity: int = Field(default=1, ge=1)  # fine-grained experts: g segments per copy
+
+
 class MoEConfig(_Strict):
-    """A mergekit-moe compatible MoE recipe."""
+    """A mergekit-moe compatible MoE recipe (or an `upcycle:` block that expands into one)."""
 
     base_model: str = Field(min_length=1)
     experts: List[Expert] = Field(min_length=1)
@@ -55,6 +65,25 @@ class MoEConfig(_Strict):
     experts_per_token: int = 2
     shared_experts: Optional[List[Expert]] = None
     architecture: Optional[str] = None
+    upcycle: Optional[Upcycle] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_upcycle(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("upcycle"), dict):
+            return data
+        for key in ("base_model", "experts", "shared_experts"):
+            if key in data:
+                raise ValueError(f"{key}: not allowed with upcycle (upcycle derives it from upcycle.source_model)")
+        up = data["upcycle"]
+        src, n, g = up.get("source_model"), up.get("num_experts"), up.get("granularity", 1)
+        if not isinstance(n, int) or not isinstance(g, int) or n < 1 or g < 1:
+            return {**data, "base_model": src, "experts": []}  # field validation reports the bad value
+        expert = {"source_model": src, **({"noise_scale": up["noise_scale"]} if up.get("noise_scale") else {})}
+        data = {"gate_mode": "uniform_random", **data, "base_model": src, "experts": [expert] * (n * g)}
+        if str(data.get("architecture", "")).lower() == "qwen":  # Qwen2-MoE needs a shared expert: a silent copy
+            data["shared_experts"] = [{"source_model": src, "residual_scale": 0.0}]
+        return data
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -66,6 +95,10 @@ class MoEConfig(_Strict):
     def _check(self) -> "MoEConfig":
         if self.experts_per_token < 1:
             raise ValueError("experts_per_token: must be >= 1")
+        if self.upcycle is not None and self.experts_per_token > self.upcycle.num_experts:
+            raise ValueError(
+                f"experts_per_token: {self.experts_per_token} is more than upcycle.num_experts {self.upcycle.num_experts}"
+            )
         if len(self.experts) < self.experts_per_token:
             raise ValueError(
                 f"experts_per_token: {self.experts_per_token} is more than the {len(self.experts)} experts listed"
@@ -113,7 +146,9 @@ class MoEConfig(_Strict):
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True)
+        derived = {"base_model", "experts", "shared_experts"} if self.upcycle else set()
+        data = self.model_dump(exclude_none=True, exclude=derived)
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def describe_validation_error(e: ValidationError) -> str:

@@ -82,9 +82,11 @@ def plan_moe(inputs: "Inputs", routers, shared_routers=None) -> MoEPlan:
         tensors.append(_value(layout.router_name(layer), routers[layer], out_dtype))
         for index, (expert, ckpt) in enumerate(inputs.experts):
             mlp = inputs.family_of(ckpt).mlp_name
+            inter = ckpt.ref(mlp("gate", layer)).shape[0]
             for role in MLP_ROLES:
+                extras = inputs.expert_extras(index, layer, role, inter)
                 tensors.append(source_tensor(layout.expert_name(role, layer, index), ckpt, mlp(role, layer),
-                                             out_dtype, seed, expert, role, routed=True))
+                                             out_dtype, seed, expert, role, routed=True, **extras))
         for expert, ckpt in inputs.shared:
             mlp = inputs.family_of(ckpt).mlp_name
             for role in MLP_ROLES:
@@ -103,8 +105,8 @@ def moe_shape(inputs: "Inputs") -> MoEShape:
 
     return MoEShape(
         num_experts=len(inputs.experts),
-        experts_per_token=inputs.config.experts_per_token,
-        intermediate_size=intermediate(inputs.experts[0][1]),
+        experts_per_token=inputs.experts_per_token,
+        intermediate_size=intermediate(inputs.experts[0][1]) // inputs.granularity,
         num_shared_experts=len(inputs.shared),
         shared_intermediate_size=sum(intermediate(c) for _, c in inputs.shared),
     )
