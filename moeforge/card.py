@@ -173,8 +173,8 @@ def license_of(model_dir: Path) -> Optional[License]:
     lic = meta.get("license")
     if not isinstance(lic, str) or not lic.strip():
         return None
-    text = lambda key: meta[key] if isinstance(meta.get(key), str) else None  # noqa: E731
-    return License(lic.strip(), text("license_name"), text("license_link"))
+    name, link = meta.get("license_name"), meta.get("license_link")
+    return License(lic.strip(), name if isinstance(name, str) else None, link if isinstance(link, str) else None)
 
 
 def build_card(inputs: "Inputs", plan, config_text: str, config_name: str) -> "ModelCard":

@@ -8,7 +8,9 @@ once it is.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -23,7 +25,8 @@ log = logging.getLogger("moeforge")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 OWN_COMMIT_BYTES = 10 * 1024 * 1024  # files above this (and weight files) get a commit each: the unit of resume
-_STALE = re.compile(r"(\.safetensors|\.bin|\.safetensors\.index\.json|\.bin\.index\.json)$")
+# Weight files transformers would pick up: an old one left in the repo could shadow or mix with the new ones.
+_STALE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 DEFAULT_MESSAGE = "Upload with moeforge"
 
@@ -155,7 +158,7 @@ def upload(
         else:
             todo.append(f)
     local_names = {f.name for f in files}
-    result.deleted = sorted(p for p in remote if _STALE.search(p) and p not in local_names)
+    result.deleted = sorted(p for p in remote if _STALE.match(p) and p not in local_names)
     if result.skipped:
         log.info("%d file(s) already on the Hub with the same content: skipped", len(result.skipped))
     batches = commit_batches(todo)
@@ -263,48 +266,42 @@ def _card_bytes(path: Path, repo_id: str) -> Optional[bytes]:
     return filled.encode("utf-8") if filled != text else None
 
 
-class _hub_errors:
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, doing: str, done: Optional[int] = None, total: Optional[int] = None):
     """Hub and network failures as one line; mid-upload, how far it got and how to resume."""
+    from huggingface_hub.errors import HfHubHTTPError
 
-    def __init__(self, repo_id: str, doing: str, done: Optional[int] = None, total: Optional[int] = None):
-        self.repo_id, self.doing, self.done, self.total = repo_id, doing, done, total
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, e, tb):
-        if e is None or isinstance(e, (MoeforgeError, KeyboardInterrupt)) or not isinstance(e, Exception):
-            return False
-        from huggingface_hub.errors import HfHubHTTPError
-
-        if isinstance(e, HfHubHTTPError):
-            status = getattr(getattr(e, "response", None), "status_code", None)
-            why = {
-                401: "the token was rejected (check HF_TOKEN or `hf auth login`)",
-                403: f"this token may not write to {self.repo_id.split('/')[0]} (it needs write access)",
-            }.get(status) or f"the Hub answered {status or 'an error'}: {_first_line(e.server_message or str(e))}"
-        elif _is_network_error(e):
-            why = f"cannot reach the Hub ({_first_line(str(e)) or type(e).__name__})"
-        else:
-            return False
-        resume = ""
-        if self.total is not None:
-            resume = f"; {self.done} of {self.total} files are on the Hub: run the same command again to resume"
-        raise MoeforgeError(f"{self.repo_id}: {self.doing}: {why}{resume}") from None
+    try:
+        yield
+    except MoeforgeError:
+        raise
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        why = {
+            401: "the token was rejected (check HF_TOKEN or `hf auth login`)",
+            403: f"this token may not write to {repo_id.split('/')[0]} (it needs write access)",
+        }.get(status) or f"the Hub answered {status or 'an error'}: {_first_line(e.server_message or str(e))}"
+        raise MoeforgeError(f"{repo_id}: {doing}: {why}{_resume(done, total)}") from None
+    except _network_errors() as e:
+        why = f"cannot reach the Hub ({_first_line(str(e)) or type(e).__name__})"
+        raise MoeforgeError(f"{repo_id}: {doing}: {why}{_resume(done, total)}") from None
 
 
-def _is_network_error(e: Exception) -> bool:
-    if isinstance(e, OSError):
-        return True
-    for module in ("httpx2", "httpx", "requests"):  # whichever transport this huggingface_hub uses
+def _resume(done: Optional[int], total: Optional[int]) -> str:
+    if total is None:
+        return ""
+    return f"; {done} of {total} files are on the Hub: run the same command again to resume"
+
+
+def _network_errors() -> tuple:
+    """Exception bases of huggingface_hub's transport: httpx2 (2.x), httpx (1.x) or requests (older)."""
+    bases = [OSError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
         try:
-            mod = __import__(module)
-        except ImportError:
-            continue
-        base = getattr(mod, "HTTPError", None) if module != "requests" else mod.RequestException
-        if base is not None and isinstance(e, base):
-            return True
-    return False
+            bases.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(bases)
 
 
 def _first_line(text: str) -> str:

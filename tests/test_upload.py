@@ -114,12 +114,14 @@ def test_changed_or_stale_files_are_replaced(built, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     shard = sorted(p.name for p in built.glob("*.safetensors"))[0]
     hub.add_repo("me/old", files={shard: b"older bytes of another size", "model.safetensors": b"old single file",
-                                  "model-00009-of-00009.safetensors": b"old", "notes.md": b"kept"})
+                                  "model-00009-of-00009.safetensors": b"old", "notes.md": b"kept",
+                                  "training_args.bin": b"kept too"})
     result = upload(built, "me/old")
     files = hub.files("me/old")
     assert files[shard] == (built / shard).read_bytes()
     assert result.deleted == ["model-00009-of-00009.safetensors", "model.safetensors"]
     assert "model.safetensors" not in files and files["notes.md"] == b"kept"  # only stale weights go
+    assert files["training_args.bin"] == b"kept too"
     last = hub.commits()[-1]["operations"]
     assert {op.path_in_repo for op in last if type(op).__name__ == "CommitOperationDelete"} == set(result.deleted)
 
