@@ -8,7 +8,7 @@ import math
 import secrets
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 from moeforge._version import __version__
 from moeforge.config import RANDOM_GATE_MODES, Expert, MoEConfig, load_config
@@ -42,6 +42,7 @@ class BuildResult:
     total_params: int
     active_params: int
     random_seed: int
+    hub_url: Optional[str] = None  # set when pushed to the Hub
 
     def summary(self) -> str:
         inferred = " (inferred)" if self.layout_inferred else ""
@@ -113,11 +114,24 @@ def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str,
     config = load_config(config_or_path)
     opts = BuildOptions.from_kwargs(**options)
     check_output_path(Path(out_dir), opts.overwrite)
+    token = None
+    if opts.private and not opts.push_to_hub:
+        raise ConfigError("--private: only with --push-to-hub")
+    if opts.push_to_hub:  # fail before the build, not after it
+        from moeforge.hub import check_repo_id, require_token
+
+        check_repo_id(opts.push_to_hub)
+        token = require_token()
     inputs = open_inputs(config, opts)
     try:
-        return write_output(inputs, plan_tensors(inputs), Path(out_dir))
+        result = write_output(inputs, plan_tensors(inputs), Path(out_dir))
     finally:
         inputs.close()
+    if opts.push_to_hub:
+        from moeforge.hub import push_build
+
+        result.hub_url = push_build(result.out_dir, opts.push_to_hub, private=opts.private, token=token)
+    return result
 
 
 def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
@@ -210,12 +224,21 @@ def _model_config(out: Path, inputs: Inputs, plan) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _resolved_config(out: Path, inputs: Inputs, plan) -> None:
-    (out / RESOLVED_CONFIG).write_text(
+def _resolved_config_text(inputs: Inputs) -> str:
+    return (
         f"# moeforge {__version__}; rebuild with: moeforge build {RESOLVED_CONFIG} OUT --random-seed {inputs.seed}\n"
-        + inputs.config.to_yaml(),
-        encoding="utf-8",
+        + inputs.config.to_yaml()
     )
+
+
+def _resolved_config(out: Path, inputs: Inputs, plan) -> None:
+    (out / RESOLVED_CONFIG).write_text(_resolved_config_text(inputs), encoding="utf-8")
+
+
+def _model_card(out: Path, inputs: Inputs, plan) -> None:
+    from moeforge.card import CARD_NAME, build_card
+
+    build_card(inputs, plan, _resolved_config_text(inputs), RESOLVED_CONFIG).save(out / CARD_NAME)
 
 
 def _base_side_files(out: Path, inputs: Inputs, plan) -> None:
@@ -233,7 +256,7 @@ def _base_side_files(out: Path, inputs: Inputs, plan) -> None:
 
 
 # Files written beside the shards, in order: (tmp_dir, inputs, plan) -> None.
-SIDE_FILES = [_model_config, _base_side_files, _resolved_config]
+SIDE_FILES = [_model_config, _base_side_files, _resolved_config, _model_card]
 
 
 def human(n: int) -> str:

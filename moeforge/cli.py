@@ -46,6 +46,8 @@ def output_options(fn):
         click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Dtype of the base model's forward pass for hidden gates."),
         click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from the base model's repository."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the new build is complete)."),
+        click.option("--push-to-hub", metavar="ORG/NAME", default=None, help="After the build, upload OUT to this Hub repo (see `moeforge upload`)."),
+        click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
         click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors."),
         click.option("--quiet", is_flag=True, help="No progress bars or info messages."),
     ]):
@@ -88,11 +90,48 @@ def upcycle_cmd(model, out_path, num_experts, experts_per_token, architecture, g
 
 def _build(config, out_path, verbose, quiet, **options):
     _setup_logging(verbose, quiet)
+    if options["push_to_hub"] and not quiet:
+        logging.getLogger("moeforge").setLevel(min(logging.INFO, logging.getLogger("moeforge").level))
     from moeforge.builder import build
 
     result = _run(build, config, out_path, verbose=verbose, quiet=quiet, **options)
     if not quiet:
         click.echo(f"moeforge: {result.summary()}", err=True)
+    if result.hub_url:
+        click.echo(result.hub_url)
+
+
+@cli.command("upload")
+@click.argument("out_path", metavar="OUT", type=click.Path(file_okay=True))
+@click.argument("repo_id", metavar="ORG/NAME")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing public repo is refused).")
+@click.option("--revision", metavar="BRANCH", default=None, help="Upload to this branch (created from main if needed).")
+@click.option("--commit-message", default=None, help="Message of the (last) commit.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; contact nothing.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")
+@click.option("--quiet", is_flag=True, help="No progress bars or messages; only the URL.")
+def upload_cmd(out_path, repo_id, verbose, quiet, **options):
+    """Upload the checkpoint in OUT to the Hugging Face Hub repo ORG/NAME (resumable).
+
+    The token comes from HF_TOKEN or the saved login (`hf auth login`). Files already on the Hub with the
+    same content are skipped, so an interrupted upload resumes when run again.
+    """
+    _setup_logging(verbose, quiet)
+    if not quiet:
+        logging.getLogger("moeforge").setLevel(min(logging.INFO, logging.getLogger("moeforge").level))
+    from moeforge.hub import upload
+
+    result = _run(lambda verbose: upload(out_path, repo_id, **options), verbose=verbose)
+    if result.dry_run:
+        click.echo(result.listing())
+        return
+    if not quiet:
+        click.echo(
+            f"moeforge: uploaded {len(result.uploaded)} file(s), skipped {len(result.skipped)} already there"
+            + (f", removed {len(result.deleted)} stale" if result.deleted else ""),
+            err=True,
+        )
+    click.echo(result.url)
 
 
 def _run(fn, *args, **kwargs):

@@ -24,6 +24,8 @@ class BuildOptions:
     overwrite: bool = False
     quiet: bool = False
     verbose: bool = False
+    push_to_hub: Optional[str] = None  # org/name: upload OUT after a successful build
+    private: bool = False  # with push_to_hub: create the repo private
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "BuildOptions":

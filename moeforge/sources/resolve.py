@@ -10,8 +10,9 @@ from typing import Optional
 from moeforge.errors import SourceError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-# What a build needs from a Hub repo; skips duplicate weight formats where safetensors exist.
-_ALLOW = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# What a build needs from a Hub repo (README.md: the license, for the card); skips duplicate weight formats
+# where safetensors exist.
+_ALLOW = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
 
 
 def resolve_adapter(text: str) -> Optional[Path]:
@@ -40,6 +41,14 @@ class ModelRef:
 
     def __str__(self) -> str:
         return self.name + (f"@{self.revision}" if self.revision else "") + (f"+{self.lora}" if self.lora else "")
+
+
+def hub_id(text: str) -> Optional[str]:
+    """The Hub repo id a reference names (without its revision), or None for a local directory."""
+    ref = ModelRef.parse(text)
+    if os.path.exists(os.path.expanduser(ref.name)) or not _HUB_ID.match(ref.name):
+        return None
+    return ref.name
 
 
 def resolve_model(text: str) -> Path:

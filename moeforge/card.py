@@ -1,0 +1,263 @@
+"""Model cards (README.md) for what moeforge writes: Hub metadata for search and lineage, plus provenance.
+
+`make_card` takes plain data so that every exporter (the MoE build, the WEMoE export) writes the same kind
+of card; `build_card` adapts a build's inputs to it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+
+from moeforge._version import __version__
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+    from moeforge.builder import Inputs
+
+log = logging.getLogger("moeforge")
+
+CARD_NAME = "README.md"
+# Placeholder for the usage snippet when the repo id is not known yet; `moeforge upload` fills it in.
+MODEL_ID_PLACEHOLDER = "path/to/this/model"
+MODEL_ID_LINE = re.compile(r'^model_id = "[^"\n]*"$', re.MULTILINE)
+_MAX_PROMPT = 200
+
+GATE_MODES = {
+    "hidden": "router rows from the base model's hidden states at the last token of each expert's prompts",
+    "hidden_last": "router rows from the base model's hidden states at the last token of each expert's prompts",
+    "hidden_avg": "router rows from the base model's hidden states averaged over each expert's prompt tokens",
+    "cheap_embed": "router rows from the input embeddings of each expert's prompts",
+    "random": "random router rows (Gaussian): train the router before use",
+    "uniform_random": "random router rows (uniform): train the router before use",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class License:
+    id: str  # a Hub license id, or "other" with a name and link
+    name: Optional[str] = None
+    link: Optional[str] = None
+
+    def __str__(self) -> str:
+        return self.id if not self.name else f"{self.id} ({self.name})"
+
+
+@dataclasses.dataclass(frozen=True)
+class CardSource:
+    """One input model as the config names it, with what is known of its license and exact revision."""
+
+    ref: str
+    license: Optional[License] = None
+    commit: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CardExpert:
+    source: str  # the reference as written in the config
+    positive_prompts: Sequence[str] = ()
+    negative_prompts: Sequence[str] = ()
+    shared: bool = False
+
+
+def make_card(
+    *,
+    base_model: str,
+    experts: Sequence[CardExpert],
+    sources: Sequence[CardSource],
+    layout: str,
+    total_params: int,
+    active_params: int,
+    config_text: str,
+    config_name: str = "moeforge_config.yml",
+    gate_mode: Optional[str] = None,
+    experts_per_token: Optional[int] = None,
+    model_id: Optional[str] = None,
+    title: Optional[str] = None,
+    summary: Optional[str] = None,
+    usage: Optional[str] = None,
+    pipeline_tag: Optional[str] = "text-generation",
+    tags: Sequence[str] = (),
+) -> "ModelCard":
+    """The card: Hub front matter, then layout, parameters, experts, gate mode, exact config and usage.
+
+    `sources` carries licenses and commits (see `source_info`); refs missing from it count as unknown.
+    `summary` replaces the opening sentence, `usage` (Markdown) the transformers snippet.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from moeforge.sources.resolve import hub_id
+
+    refs = _unique([base_model] + [e.source for e in experts])
+    known = {s.ref: s for s in sources}
+    hub_ids = _unique([i for i in (hub_id(r) for r in refs) if i])
+    license_ = common_license([known[r].license if r in known else None for r in refs])
+    extra = {"base_model_relation": "merge"} if hub_ids else {}
+    data = ModelCardData(
+        base_model=hub_ids or None,
+        library_name="transformers",
+        license=license_.id if license_ else None,
+        license_name=license_.name if license_ else None,
+        license_link=license_.link if license_ else None,
+        pipeline_tag=pipeline_tag,
+        tags=_unique(["moe", "merge", "moeforge", layout, *tags]),
+        **extra,
+    )
+    routed = [e for e in experts if not e.shared]
+    title = title or (model_id.split("/")[-1] if model_id else f"{_short(base_model)} MoE ({len(routed)} experts)")
+    top = f" ({experts_per_token} active per token)" if experts_per_token else ""
+    summary = summary or (
+        f"A Mixture-of-Experts model built with moeforge {__version__}: {len(routed)} experts{top} in the "
+        f"**{layout}** layout, on top of {_link(base_model)}."
+    )
+    lines = [f"# {title}", "", summary, "", "| | |", "|---|---|", f"| layout | {layout} |"]
+    lines.append(f"| parameters | {_count(total_params)} total, {_count(active_params)} active per token |")
+    lines.append(f"| experts | {len(routed)}{f', top-{experts_per_token}' if experts_per_token else ''} |")
+    if gate_mode:
+        desc = GATE_MODES.get(gate_mode)
+        lines.append(f"| router (gate_mode) | `{_cell(gate_mode)}`{': ' + desc if desc else ''} |")
+    lines.append(f"| base model | {_link(base_model)} |")
+    lines.append(f"| license | {_cell(str(license_)) if license_ else _license_note(refs, known)} |")
+    lines += ["", "## Experts", "", "| # | source | positive prompts | negative prompts |", "|---|---|---|---|"]
+    index = 0
+    for e in experts:
+        label = "shared" if e.shared else str(index)
+        index += 0 if e.shared else 1
+        lines.append(f"| {label} | {_link(e.source)} | {_prompts(e.positive_prompts)} | {_prompts(e.negative_prompts)} |")
+    lines += ["", "## Sources", "", "| model | revision | license |", "|---|---|---|"]
+    for ref in refs:
+        src = known.get(ref, CardSource(ref))
+        lines.append(f"| {_link(ref)} | {f'`{src.commit}`' if src.commit else '-'} | {_cell(str(src.license or 'unknown'))} |")
+    lines += ["", "## Configuration", "", f"The exact recipe, also in this repository as `{config_name}`:", ""]
+    lines += [_fenced(config_text.rstrip("\n"), "yaml"), "", "## Usage", ""]
+    lines.append(usage.rstrip("\n") if usage else _transformers_usage(model_id, experts))
+    body = "\n".join(lines) + "\n"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def common_license(licenses: Sequence[Optional[License]]) -> Optional[License]:
+    """The license every source has, or None when one is unknown or they differ (the user must choose)."""
+    if not licenses or any(lic is None for lic in licenses) or len(set(licenses)) != 1:
+        return None
+    return licenses[0]
+
+
+def source_info(ref: str, path: Path) -> CardSource:
+    """License from the source's README front matter (else config.json), and its commit when from the Hub cache."""
+    path = Path(path)
+    commit = path.name if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name) else None
+    return CardSource(ref, license_of(path), commit)
+
+
+def license_of(model_dir: Path) -> Optional[License]:
+    meta: Dict = {}
+    readme = Path(model_dir) / CARD_NAME
+    if readme.is_file():
+        from huggingface_hub import metadata_load
+
+        try:
+            meta = metadata_load(readme) or {}
+        except Exception as e:  # a malformed card only means the license is unknown
+            log.debug("%s: unreadable front matter (%s)", readme, e)
+    if not meta.get("license"):
+        try:
+            config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+            meta = config if isinstance(config, dict) else {}
+        except (OSError, ValueError):
+            meta = {}
+    lic = meta.get("license")
+    if not isinstance(lic, str) or not lic.strip():
+        return None
+    name, link = meta.get("license_name"), meta.get("license_link")
+    return License(lic.strip(), name if isinstance(name, str) else None, link if isinstance(link, str) else None)
+
+
+def build_card(inputs: "Inputs", plan, config_text: str, config_name: str) -> "ModelCard":
+    """The card of a `moeforge build`, from its inputs and plan."""
+    config = inputs.config
+    experts = [CardExpert(e.source_model, e.positive_prompts or (), e.negative_prompts or ()) for e in config.experts]
+    experts += [
+        CardExpert(e.source_model, e.positive_prompts or (), e.negative_prompts or (), shared=True)
+        for e in config.shared_experts or ()
+    ]
+    sources = [source_info(ref, ckpt.path) for ref, ckpt in inputs.checkpoints.items()]
+    return make_card(
+        base_model=config.base_model, experts=experts, sources=sources, layout=inputs.layout.name,
+        total_params=plan.total_params, active_params=plan.active_params, config_text=config_text,
+        config_name=config_name, gate_mode=config.gate_mode, experts_per_token=config.experts_per_token,
+        model_id=inputs.options.push_to_hub,
+    )
+
+
+def fill_model_id(card_text: str, repo_id: str) -> str:
+    """The card with its usage snippet pointing at `repo_id` (used on upload; the local file is untouched)."""
+    return MODEL_ID_LINE.sub(f"model_id = {json.dumps(repo_id)}", card_text, count=1)
+
+
+def _transformers_usage(model_id: Optional[str], experts: Sequence[CardExpert]) -> str:
+    prompt = next((p for e in experts for p in e.positive_prompts), "Hello, my name is")
+    code = "\n".join([
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"model_id = {json.dumps(model_id or MODEL_ID_PLACEHOLDER)}",
+        "tokenizer = AutoTokenizer.from_pretrained(model_id)",
+        'model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto")',
+        f"inputs = tokenizer({json.dumps(prompt)}, return_tensors=\"pt\").to(model.device)",
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))",
+    ])
+    return _fenced(code, "python")
+
+
+def _license_note(refs: Sequence[str], known: Dict[str, CardSource]) -> str:
+    found = {str(known[r].license) if r in known and known[r].license else "unknown" for r in refs}
+    why = "are unknown" if found == {"unknown"} else "differ or are unknown for some"
+    return f"not set: the sources' licenses {why} (see Sources); choose one that respects every source's terms"
+
+
+def _unique(items) -> List:
+    seen, out = set(), []
+    for item in items:
+        if item not in seen:
+            seen.add(item)
+            out.append(item)
+    return out
+
+
+def _short(ref: str) -> str:
+    return ref.rstrip("/").split("@")[0].split("/")[-1] or ref
+
+
+def _link(ref: str) -> str:
+    from moeforge.sources.resolve import hub_id
+
+    repo = hub_id(ref)
+    return f"[{_cell(ref)}](https://huggingface.co/{repo})" if repo else f"{_cell(ref)} (local)"
+
+
+def _cell(text: str) -> str:
+    """Text that cannot break a Markdown table row."""
+    return html.escape(" ".join(str(text).split()), quote=False).replace("|", "&#124;")
+
+
+def _prompts(prompts: Sequence[str]) -> str:
+    if not prompts:
+        return "-"
+    cut = [p if len(p) <= _MAX_PROMPT else p[:_MAX_PROMPT] + "…" for p in prompts]
+    return "<br>".join(_cell(p) for p in cut)
+
+
+def _fenced(text: str, lang: str) -> str:
+    runs = [len(m) for m in re.findall(r"`{3,}", text)]
+    fence = "`" * max([3] + [n + 1 for n in runs])
+    return f"{fence}{lang}\n{text}\n{fence}"
+
+
+def _count(n: int) -> str:
+    from moeforge.builder import human
+
+    return f"{human(n)} ({n:,})"
