@@ -189,7 +189,7 @@ def build_card(inputs: "Inputs", plan, config_text: str, config_name: str) -> "M
     return make_card(
         base_model=config.base_model, experts=experts, sources=sources, layout=inputs.layout.name,
         total_params=plan.total_params, active_params=plan.active_params, config_text=config_text,
-        config_name=config_name, gate_mode=config.gate_mode, experts_per_token=config.experts_per_token,
+        config_name=config_name, gate_mode=config.gate_mode, experts_per_token=inputs.experts_per_token,
         model_id=inputs.options.push_to_hub,
     )
 
