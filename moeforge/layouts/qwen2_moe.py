@@ -11,16 +11,23 @@ QWEN_EXPERT = {
 }
 
 
-def _moe_config(shape: MoEShape) -> dict:
+def qwen_moe_keys(shape: MoEShape) -> dict:
+    """Keys Qwen2-MoE and Qwen3-MoE share: every layer sparse, renormalised top-k."""
     return {
         "num_experts": shape.num_experts,
         "num_experts_per_tok": shape.experts_per_token,
         "moe_intermediate_size": shape.intermediate_size,
-        "shared_expert_intermediate_size": shape.shared_intermediate_size,
         "intermediate_size": shape.intermediate_size,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
         "norm_topk_prob": True,  # renormalised top-k: identical experts reproduce the dense MLP
+    }
+
+
+def _moe_config(shape: MoEShape) -> dict:
+    return {
+        **qwen_moe_keys(shape),
+        "shared_expert_intermediate_size": shape.shared_intermediate_size,
         "qkv_bias": True,
         "use_sliding_window": False,
         "sliding_window": None,

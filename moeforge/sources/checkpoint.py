@@ -96,12 +96,7 @@ class Checkpoint:
     @cached_property
     def config(self) -> dict:
         cfg = self.path / "config.json"
-        try:
-            data = json.loads(cfg.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SourceError(f"{cfg}: missing (every model directory needs a config.json)") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise SourceError(f"{cfg}: unreadable ({e})") from None
+        data = read_json(cfg, "every model directory needs a config.json")
         if not isinstance(data, dict) or "model_type" not in data:
             raise SourceError(f"{cfg}: has no model_type")
         return data
@@ -205,6 +200,16 @@ class Checkpoint:
         self._handles.clear()
         if self.adapter is not None:
             self.adapter.weights.close()
+
+
+def read_json(path: Path, why_needed: str):
+    """A JSON file, or a one-line SourceError saying what is wrong with it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError(f"{path}: missing ({why_needed})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{path}: unreadable ({e})") from None
 
 
 def _weight_map(index: Path) -> Dict[str, str]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Dict, Optional
@@ -26,15 +25,10 @@ class LoraDelta:
 
 class LoraAdapter:
     def __init__(self, path: Path, label: str):
-        from moeforge.sources.checkpoint import Checkpoint
+        from moeforge.sources.checkpoint import Checkpoint, read_json
 
         cfg_path = Path(path) / "adapter_config.json"
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SourceError(f"{cfg_path}: missing (a LoRA adapter needs adapter_config.json)") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise SourceError(f"{cfg_path}: unreadable ({e})") from None
+        cfg = read_json(cfg_path, "a LoRA adapter needs adapter_config.json")
         for flag, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D)")):
             if cfg.get(flag):
                 raise SourceError(f"{cfg_path}: {what} adapters are not supported; merge the adapter first")
