@@ -130,7 +130,7 @@ class WEMoEModel(nn.Module):
         return [p for r in self.named_routers().values() for p in r.parameters()]
 
     def router_tensors(self) -> Dict[str, torch.Tensor]:
-        return {f"{prefix}.{name}": p.detach().float().cpu().contiguous()
+        return {f"{prefix}.{name}": p.detach().float().cpu().clone()
                 for prefix, r in self.named_routers().items() for name, p in r.named_parameters()}
 
     def load_router_tensors(self, tensors: Dict[str, torch.Tensor], origin: str = "routers") -> None:

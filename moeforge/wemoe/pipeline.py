@@ -34,6 +34,7 @@ class WEMoEResult:
     loss_first: Optional[float]
     loss_last: Optional[float]
     params: dict
+    model: object = dataclasses.field(default=None, repr=False)  # the adapted WEMoEModel (on its device)
 
     def summary(self) -> str:
         loss = (f"entropy {self.loss_first:.4f} -> {self.loss_last:.4f}" if self.loss_first is not None
@@ -105,6 +106,7 @@ def run(config_or_path: Union[WEMoEConfig, dict, str, Path], out_dir: Union[str,
                 write_output(tmp, model, config, record, summary, time.monotonic() - started)
             checkpointer.remove()
         accelerator.wait_for_everyone()
-        return WEMoEResult(out, result.steps, summary.get("loss_first"), summary.get("loss_last"), model.param_counts())
+        return WEMoEResult(out, result.steps, summary.get("loss_first"), summary.get("loss_last"),
+                           model.param_counts(), model)
     finally:
         sources.close()

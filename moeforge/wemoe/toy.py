@@ -137,7 +137,7 @@ def zero_shot_head(model, tokenizer, classes: Sequence[str], templates: Sequence
 
 
 def _train_vision(model, base_dir: Path, tasks: Sequence[str], steps: int, lr: float, n_train: int, seed: int,
-                  batch_size: int, other_lr_scale: float = 1.0, alias: str = "") -> float:
+                  batch_size: int, other_lr_scale: float = 1.0, rename=None) -> float:
     """Train the vision tower against frozen zero-shot heads on labelled images of `tasks` (cycled per step)."""
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer
@@ -148,7 +148,7 @@ def _train_vision(model, base_dir: Path, tasks: Sequence[str], steps: int, lr: f
     sets = []
     for k, task in enumerate(tasks):
         data = make_images(task, n_train, seed=1000 + 17 * seed + k)
-        sets.append((zero_shot_head(model, tokenizer, [alias + c for c in TASKS[task][0]]), _pixels(processor, data),
+        sets.append((zero_shot_head(model, tokenizer, [rename(c) if rename else c for c in TASKS[task][0]]), _pixels(processor, data),
                      torch.tensor([lab for _, lab in data])))
     mlp = [p for n, p in model.vision_model.named_parameters() if ".mlp." in n]
     rest = [p for n, p in model.vision_model.named_parameters() if ".mlp." not in n]
@@ -176,7 +176,8 @@ def pretrain(base_dir: Path, steps: int, lr: float = 1e-3, seed: int = 0, n_trai
 
     model = CLIPModel.from_pretrained(str(base_dir), dtype=torch.float32)
     # Other names than the tasks': features become useful while zero-shot accuracy stays near chance.
-    loss = _train_vision(model, base_dir, list(TASKS), steps, lr, n_train, seed + 500, batch_size, alias="pre ")
+    loss = _train_vision(model, base_dir, list(TASKS), steps, lr, n_train, seed + 500, batch_size,
+                         rename=lambda c: "pre " + c)
     model.save_pretrained(str(base_dir))
     return loss
 
@@ -198,3 +199,21 @@ def finetune(base_dir: Path, out_dir: Path, task: str, steps: int = 60, lr: floa
     else:
         model.save_pretrained(str(out_dir))
     return loss
+
+
+def make_clip_tasks(root: Path, tasks: Sequence[str] = ("colors", "quadrant"), n_test: int = 96,
+                    intermediate_size: int = 128, pretrain_steps: int = 150, finetune_steps: int = 150,
+                    lr: float = 2e-3) -> dict:
+    """A base CLIP, one fine-tuned expert per task (alternately saved as CLIPVisionModel and CLIPModel) and
+    each task's labelled test images as an image folder; returns a `moeforge wemoe` config dict."""
+    root = Path(root)
+    make_clip(root / "base", seed=0, intermediate_size=intermediate_size)
+    pretrain(root / "base", pretrain_steps, lr=lr)
+    experts = []
+    for i, task in enumerate(tasks):
+        finetune(root / "base", root / task, task, steps=finetune_steps, lr=lr, seed=i, vision_only=i % 2 == 0)
+        data = write_image_folder(root / "data" / task, task, make_images(task, n_test, seed=50 + i))
+        experts.append({"name": task, "source_model": str(root / task), "data": str(data),
+                        "classes": TASKS[task][0]})
+    return {"family": "clip-vision", "base_model": str(root / "base"), "templates": list(TEMPLATES),
+            "experts": experts}
