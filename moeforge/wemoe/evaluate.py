@@ -57,9 +57,9 @@ def evaluate(out_dir: Union[str, Path], data: Optional[Dict[str, str]] = None, b
     """Score every method on every task's labelled data (the config's `data`, or `data[name]`)."""
     from moeforge.wemoe.data import load_task_data
     from moeforge.wemoe.export import load
+    model = load(out_dir, device=device, verify=verify)
     from moeforge.wemoe.model import static_model
 
-    model = load(out_dir, device=device, verify=verify)
     config, family, runtime = model.config, model.family, model.runtime
     dev = next(model.hf.parameters()).device
     unknown = sorted(set(data or {}) - set(config.task_names))

@@ -162,14 +162,14 @@ def check_sources(record: dict, role: str, verify: bool) -> str:
 def load(out_dir: Union[str, Path], device: str = "cpu", verify: bool = True):
     """Rebuild the WEMoE model of a `moeforge wemoe` output: sources merged, adapted routers loaded,
     sample-wise routing on (batch_reduce off), eval mode. Returns a WEMoEModel."""
+    out_dir = Path(out_dir)
+    meta = read_meta(out_dir)
     from safetensors import safe_open
 
     from moeforge.wemoe.config import WEMoEConfig
     from moeforge.wemoe.families import family_named
     from moeforge.wemoe.model import build_wemoe_model, open_sources
 
-    out_dir = Path(out_dir)
-    meta = read_meta(out_dir)
     cfg = dict(meta["config"])
     src = meta["sources"]
     cfg["base_model"] = check_sources(src["base"], "base_model", verify)

@@ -77,19 +77,20 @@ def make_accelerator(device: str):
 def run(config_or_path: Union[WEMoEConfig, dict, str, Path], out_dir: Union[str, Path], **options) -> WEMoEResult:
     """Merge, adapt the routers at test time and write OUT (see WEMoEOptions for the keyword options)."""
     from moeforge.wemoe.data import load_task_data
-    from moeforge.wemoe.export import sources_record, write_output
     from moeforge.wemoe.families import family_named
-    from moeforge.wemoe.model import build_wemoe_model, open_sources
-    from moeforge.wemoe.tta import Checkpointer, adapt, fingerprint
     from moeforge.writer.output_dir import atomic_output_dir, check_output_path
 
     opts = WEMoEOptions(**options)
     config = apply_overrides(load_wemoe_config(config_or_path), opts)
     out = Path(out_dir)
     check_output_path(out, opts.overwrite)
-    accelerator = make_accelerator(opts.device)
     family = family_named(config.family)
     data = {t.name: load_task_data(t, family.data_kind, f"experts.{i}.data") for i, t in enumerate(config.experts)}
+    accelerator = make_accelerator(opts.device)  # bad input is reported above, before torch is imported
+    from moeforge.wemoe.export import sources_record, write_output
+    from moeforge.wemoe.model import build_wemoe_model, open_sources
+    from moeforge.wemoe.tta import Checkpointer, adapt, fingerprint
+
     sources = open_sources(config, family)
     try:
         record = sources_record(config, sources)
