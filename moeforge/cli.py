@@ -94,7 +94,7 @@ def wemoe_run_cmd(config_path, out_path, verbose, quiet, **options):
     from moeforge.wemoe.pipeline import run
 
     result = _run(run, config_path, out_path, verbose=verbose, quiet=quiet, **options)
-    if not quiet and result is not None:
+    if not quiet and result is not None and result.is_main_process:
         click.echo(f"moeforge: {result.summary()}", err=True)
 
 
@@ -124,7 +124,7 @@ def wemoe_eval_cmd(out_path, data, batch_size, limit, device, json_path, no_veri
     def evaluate_and_print(**kwargs):
         import json
 
-        from moeforge.wemoe.evaluate import evaluate
+        from moeforge.wemoe.evaluation import evaluate
 
         report = evaluate(out_path, pairs, batch_size=batch_size, device=device, limit=limit, verify=not no_verify)
         click.echo(report.table())

@@ -152,7 +152,7 @@ def test_only_router_parameters_train(clip_tasks):
 
 
 def test_adaptation_lowers_entropy_and_beats_task_arithmetic(adapted, clip_tasks):
-    from moeforge.wemoe.evaluate import evaluate
+    from moeforge.wemoe.evaluation import evaluate
 
     result, out = adapted
     step0 = build(clip_config(clip_tasks))

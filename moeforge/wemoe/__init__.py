@@ -18,7 +18,7 @@ def __getattr__(name):
 
         return load
     if name == "evaluate":
-        from moeforge.wemoe.evaluate import evaluate
+        from moeforge.wemoe.evaluation import evaluate
 
         return evaluate
     if name == "WEMoEConfig":

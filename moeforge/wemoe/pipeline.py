@@ -35,6 +35,7 @@ class WEMoEResult:
     loss_last: Optional[float]
     params: dict
     model: object = dataclasses.field(default=None, repr=False)  # the adapted WEMoEModel (on its device)
+    is_main_process: bool = True  # under `accelerate launch`, only the main process writes OUT
 
     def summary(self) -> str:
         loss = (f"entropy {self.loss_first:.4f} -> {self.loss_last:.4f}" if self.loss_first is not None
@@ -99,7 +100,8 @@ def run(config_or_path: Union[WEMoEConfig, dict, str, Path], out_dir: Union[str,
         started = time.monotonic()
         model = build_wemoe_model(config, family, sources).attach_runtime(str(sources.base.path))
         model.to_device(accelerator.device)
-        log.info("built %s: %s", config.family, model.param_counts())
+        log.info("built %s WEMoE %s; adapting on %d process(es), device %s", config.family, model.param_counts(),
+                 accelerator.num_processes, accelerator.device)
         result = adapt(model, data, config, accelerator, checkpointer, resume=opts.resume, quiet=opts.quiet)
         summary = result.summary()
         if accelerator.is_main_process:
@@ -108,6 +110,6 @@ def run(config_or_path: Union[WEMoEConfig, dict, str, Path], out_dir: Union[str,
             checkpointer.remove()
         accelerator.wait_for_everyone()
         return WEMoEResult(out, result.steps, summary.get("loss_first"), summary.get("loss_last"),
-                           model.param_counts(), model)
+                           model.param_counts(), model, accelerator.is_main_process)
     finally:
         sources.close()

@@ -81,7 +81,7 @@ def write_image_folder(out_dir: Path, task: str, images) -> Path:
 
 
 def make_clip(out_dir: Path, seed: int = 0, hidden_size: int = 32, intermediate_size: int = 64,
-              num_layers: int = 2, image_size: int = IMAGE_SIZE, patch_size: int = 4):
+              num_layers: int = 2, image_size: int = IMAGE_SIZE, patch_size: int = 4, num_heads: int = 0):
     """A random-init CLIPModel with a byte-level BPE tokenizer and a CLIP image processor, saved to out_dir."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -102,7 +102,7 @@ def make_clip(out_dir: Path, seed: int = 0, hidden_size: int = 32, intermediate_
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>")
     fast.save_pretrained(str(out_dir))
-    heads = max(1, hidden_size // 16)
+    heads = num_heads or max(1, hidden_size // 16)
     config = CLIPConfig(
         text_config=dict(vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=num_layers, num_attention_heads=heads, max_position_embeddings=32,

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -32,6 +33,7 @@ class TTAResult:
     losses: List[float]  # per step: entropy summed over tasks (averaged over processes)
     steps: int
     resumed_from: int = 0
+    step_seconds: List[float] = dataclasses.field(default_factory=list)  # this run's steps only
 
     def summary(self, points: int = 50) -> dict:
         if not self.losses:
@@ -42,8 +44,10 @@ class TTAResult:
         curve = [[i + 1, round(self.losses[i], 6)] for i in range(0, n, stride)]
         if curve[-1][0] != n:
             curve.append([n, round(self.losses[-1], 6)])
+        timed = sorted(self.step_seconds[1:] or self.step_seconds)  # the first step warms up
         return {
             "steps": self.steps, "resumed_from": self.resumed_from,
+            "seconds_per_step_median": round(timed[len(timed) // 2], 5) if timed else None,
             "loss_first": self.losses[0], "loss_last": self.losses[-1], "loss_min": min(self.losses),
             "loss_last_10pct_mean": sum(tail) / len(tail), "curve": curve,
         }
@@ -142,7 +146,9 @@ def adapt(model, task_data: dict, config, accelerator, checkpointer: Optional[Ch
     }
     bar = tqdm(range(start, tta.max_steps), initial=start, total=tta.max_steps, desc="test-time adaptation",
                disable=quiet or not accelerator.is_main_process, dynamic_ncols=True)
+    step_seconds = []
     for step in bar:
+        tick = time.perf_counter()
         total = torch.zeros((), device=accelerator.device)
         pending = None
         for name in model.task_names:
@@ -162,7 +168,8 @@ def adapt(model, task_data: dict, config, accelerator, checkpointer: Optional[Ch
             total = accelerator.reduce(total, reduction="mean")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(total))
+        losses.append(float(total))  # also waits for the device, so the step time below is real
+        step_seconds.append(time.perf_counter() - tick)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
         if checkpointer is not None and tta.checkpoint_every and done % tta.checkpoint_every == 0 and done < tta.max_steps:
@@ -170,4 +177,4 @@ def adapt(model, task_data: dict, config, accelerator, checkpointer: Optional[Ch
                 checkpointer.save(done, model, optimizer, losses)
             accelerator.wait_for_everyone()
     bar.close()
-    return TTAResult(losses, tta.max_steps, start)
+    return TTAResult(losses, tta.max_steps, start, step_seconds)
