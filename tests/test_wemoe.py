@@ -360,3 +360,11 @@ def test_causal_lm_adapts_exports_and_reloads(causal_config, tmp_path):
     batch = task_batches(reloaded, "story", 8)[0]
     with torch.no_grad():
         assert torch.equal(result.model.task_logits("story", batch), reloaded.task_logits("story", batch))
+
+    from moeforge.wemoe.evaluation import evaluate
+
+    report = evaluate(tmp_path / "out", device="cpu")  # next-token accuracy on the texts
+    assert set(report.rows) == {"pretrained", "fine-tuned (own task)", "task arithmetic", "WEMoE"}
+    assert all(0 <= v <= 100 for row in report.rows.values() for v in row.values())
+    assert report.rows["fine-tuned (own task)"]["code"] > report.rows["pretrained"]["code"]
+    assert report.counts["code"] > len(report.tasks)  # scored per predicted token

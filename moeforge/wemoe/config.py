@@ -4,10 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Literal, Optional, Union
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from moeforge.config import _Strict, describe_validation_error
-from moeforge.errors import ConfigError
+from moeforge.config import _Strict, read_yaml, validate_mapping
 
 Family = Literal["clip-vision", "causal-lm"]
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -88,29 +87,11 @@ class WEMoEConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path]) -> "WEMoEConfig":
-        import yaml
-
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', None) or e})") from None
-        return cls.from_dict(data, origin=str(path))
+        return cls.from_dict(read_yaml(path), origin=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "config") -> "WEMoEConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{origin}: expected a mapping of config keys, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(f"{origin}: {describe_validation_error(e)}") from None
+        return validate_mapping(cls, data, origin)
 
 
 def load_wemoe_config(config_or_path: Union[WEMoEConfig, dict, str, Path]) -> WEMoEConfig:

@@ -59,6 +59,20 @@ class ClipVision:
         return ClipRuntime(model, base_path, config)
 
 
+def zero_shot_head(model, tokenizer, classes, templates, device="cpu"):
+    """(classes, dim): each class name under every template, embedded by the CLIP text tower, normalised,
+    averaged over templates and normalised again (the CLIP / task-arithmetic zero-shot classifier)."""
+    import torch
+
+    with torch.no_grad():
+        batch = tokenizer([t.format(c) for c in classes for t in templates], padding=True,
+                          return_tensors="pt").to(device)
+        emb = model.get_text_features(**batch).pooler_output
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        emb = emb.view(len(classes), len(templates), -1).mean(1)
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+
 class ClipRuntime:
     def __init__(self, model, base_path: str, config):
         import torch
@@ -73,15 +87,9 @@ class ClipRuntime:
         self.heads: Dict[str, torch.Tensor] = {}
         templates = config.resolved_templates
         device = next(model.parameters()).device
-        with torch.no_grad():
-            for task in config.experts:
-                prompts = [t.format(c) for c in task.classes for t in templates]
-                batch = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
-                emb = model.get_text_features(**batch).pooler_output
-                emb = emb / emb.norm(dim=-1, keepdim=True)
-                emb = emb.view(len(task.classes), len(templates), -1).mean(1)
-                self.heads[task.name] = emb / emb.norm(dim=-1, keepdim=True)
-            self.logit_scale = model.logit_scale.exp().detach()
+        for task in config.experts:
+            self.heads[task.name] = zero_shot_head(model, tokenizer, task.classes, templates, device)
+        self.logit_scale = model.logit_scale.exp().detach()
 
     def to(self, device) -> "ClipRuntime":
         self.heads = {k: v.to(device) for k, v in self.heads.items()}
