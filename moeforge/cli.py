@@ -134,6 +134,83 @@ def upload_cmd(out_path, repo_id, verbose, quiet, **options):
     click.echo(result.url)
 
 
+class _DefaultRunGroup(click.Group):
+    """`moeforge wemoe CONFIG OUT` is short for `moeforge wemoe run CONFIG OUT`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group("wemoe", cls=_DefaultRunGroup)
+def wemoe_group():
+    """Weight-Ensembling MoE: merge fine-tuned models, adapt routers at test time, export the routers.
+
+    `moeforge wemoe CONFIG OUT` is short for `moeforge wemoe run CONFIG OUT`.
+    """
+
+
+@wemoe_group.command("run")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("out_path", metavar="OUT", type=click.Path(file_okay=True))
+@click.option("--max-steps", type=click.IntRange(min=0), default=None, help="Adaptation steps (default: tta.max_steps).")
+@click.option("--seed", type=int, default=None, help="Seed for router init and batch order (default: the config's seed).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=None, help="Save a resumable checkpoint every K steps (0: never; default: tta.checkpoint_every).")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None, help="Where checkpoints go (default: OUT.wemoe-checkpoint beside OUT; removed on success).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in the checkpoint directory.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to adapt (under `accelerate launch`, accelerate places processes).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the new output is complete).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")
+@click.option("--quiet", is_flag=True, help="No progress bar or info messages.")
+def wemoe_run_cmd(config_path, out_path, verbose, quiet, **options):
+    """Merge the models of CONFIG, adapt the routers on the tasks' unlabeled data, write routers to OUT."""
+    _setup_logging(verbose, quiet)
+    from moeforge.wemoe.pipeline import run
+
+    result = _run(run, config_path, out_path, verbose=verbose, quiet=quiet, **options)
+    if not quiet and result is not None and result.is_main_process:
+        click.echo(f"moeforge: {result.summary()}", err=True)
+
+
+@wemoe_group.command("eval")
+@click.argument("out_path", metavar="OUT", type=click.Path(file_okay=False))
+@click.option("--data", "data", multiple=True, metavar="TASK=PATH", help="Labelled data for a task (default: the config's data). Repeatable.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score at most this many inputs per task.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the numbers as JSON here.")
+@click.option("--no-verify", is_flag=True, help="Skip checking the sources' sha256 against wemoe.json.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")
+@click.option("--quiet", is_flag=True, help="Print only the table.")
+def wemoe_eval_cmd(out_path, data, batch_size, limit, device, json_path, no_verify, verbose, quiet):
+    """Per-task accuracy of OUT beside the pretrained model, each fine-tuned model and task arithmetic."""
+    _setup_logging(verbose, quiet)
+    from moeforge.errors import ConfigError
+
+    pairs = {}
+    for item in data:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            click.echo(f"moeforge: error: --data: expected TASK=PATH, got {item!r}", err=True)
+            sys.exit(ConfigError.exit_code)
+        pairs[name] = path
+
+    def evaluate_and_print(**kwargs):
+        import json
+
+        from moeforge.wemoe.evaluation import evaluate
+
+        report = evaluate(out_path, pairs, batch_size=batch_size, device=device, limit=limit, verify=not no_verify)
+        click.echo(report.table())
+        if json_path:
+            with open(json_path, "w", encoding="utf-8") as f:
+                json.dump(report.to_json(), f, indent=2)
+        return report
+
+    _run(evaluate_and_print, verbose=verbose)
+
+
 def _run(fn, *args, **kwargs):
     """Users see one line and an exit code; tracebacks only with -v."""
     from moeforge.errors import MoeforgeError

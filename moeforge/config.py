@@ -119,29 +119,11 @@ class MoEConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path]) -> "MoEConfig":
-        import yaml
-
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', None) or e})") from None
-        return cls.from_dict(data, origin=str(path))
+        return cls.from_dict(read_yaml(path), origin=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "config") -> "MoEConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{origin}: expected a mapping of config keys, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(f"{origin}: {describe_validation_error(e)}") from None
+        return validate_mapping(cls, data, origin)
 
     def to_yaml(self) -> str:
         import yaml
@@ -149,6 +131,33 @@ class MoEConfig(_Strict):
         derived = {"base_model", "experts", "shared_experts"} if self.upcycle else set()
         data = self.model_dump(exclude_none=True, exclude=derived)
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def read_yaml(path: Union[str, Path]) -> Any:
+    """A YAML file's contents; unreadable files and bad YAML are one-line ConfigErrors."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def validate_mapping(model_class, data: Any, origin: str = "config"):
+    """`model_class` validated from a mapping; the first problem becomes a one-line ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping of config keys, got {type(data).__name__}")
+    try:
+        return model_class.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{origin}: {describe_validation_error(e)}") from None
 
 
 def describe_validation_error(e: ValidationError) -> str:

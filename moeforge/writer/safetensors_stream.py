@@ -74,6 +74,13 @@ def write_sharded(out_dir: Path, tensors: Sequence[PlannedTensor], max_shard_byt
     return result
 
 
+def write_file(path: Path, tensors: Sequence[PlannedTensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """One unsharded safetensors file (small outputs such as adapted routers), verified like the shards."""
+    with _Copier() as copier:
+        copier.write_shard(Path(path), tensors, None, metadata)
+    verify_shards(Path(path).parent, [tensors], [Path(path).name])
+
+
 def verify_shards(out_dir: Path, shards, names) -> None:
     """Re-open every shard with the reference reader and compare names, dtypes and shapes to the plan."""
     from safetensors import safe_open
@@ -108,10 +115,10 @@ class _Copier:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
-    def write_shard(self, path: Path, shard: Sequence[PlannedTensor], progress) -> None:
+    def write_shard(self, path: Path, shard: Sequence[PlannedTensor], progress, metadata=None) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, encode_header(shard))
+            _write_all(fd, encode_header(shard, metadata))
             for t in shard:
                 raw = t.raw_range()
                 if raw is not None:
