@@ -5,7 +5,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from moeforge.errors import SourceError
 
@@ -18,10 +18,14 @@ class LoraDelta:
     a: str
     b: str
     scale: float
+    rows: Optional[Tuple[int, int]] = None  # the rows of a fused module's delta that one split tensor takes
 
     def compute(self):
         """scale * B @ A in float32."""
-        return (self.adapter.load(self.b).float() @ self.adapter.load(self.a).float()) * self.scale
+        b = self.adapter.load(self.b).float()
+        if self.rows is not None:
+            b = b[self.rows[0]:self.rows[1]]
+        return (b @ self.adapter.load(self.a).float()) * self.scale
 
 
 class LoraAdapter:
