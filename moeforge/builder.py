@@ -129,7 +129,8 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
         num_layers, hidden = _base_dims(base)
         for where, expert in _all_experts(config):
             _check_layer_ranges(where, expert, num_layers)
-        checked = _ExpertChecks(base, family, layout, num_layers, hidden, opts)
+        checked = ExpertChecks((family.name,), f"the base is {family.name}", "the base model's", layout,
+                               num_layers, hidden, opts)
         experts = [(e, checked(e, _open_expert(e, open_once), False)) for e in config.experts]
         shared = [(e, checked(e, _open_expert(e, open_once), True)) for e in config.shared_experts or []]
         for ckpt in checkpoints.values():
@@ -191,17 +192,14 @@ def plan_tensors(inputs: Inputs) -> "MoEPlan":
 
 def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
     """Shards, then the side files, into a temporary directory that becomes `out_dir` when complete."""
-    from tqdm.auto import tqdm
-
-    from moeforge.writer import atomic_output_dir, write_sharded
-
     opts = inputs.options
     shard_bytes = parse_shard_size(opts.out_shard_size, DTYPES[inputs.out_dtype][1])
-    with atomic_output_dir(out_dir, opts.overwrite) as tmp:
-        with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
-            written = write_sharded(tmp, plan.tensors, shard_bytes, bar)
+
+    def side_files(tmp: Path) -> None:
         for write_side_file in SIDE_FILES:
             write_side_file(tmp, inputs, plan)
+
+    written = write_checkpoint(out_dir, plan.tensors, shard_bytes, opts, side_files)
     result = BuildResult(
         out_dir, inputs.layout.name, inputs.layout_inferred, len(inputs.experts), inputs.config.experts_per_token,
         written.files,
@@ -211,8 +209,23 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
     return result
 
 
+def write_checkpoint(out_dir: Path, tensors, shard_bytes: int, opts: BuildOptions, side_files):
+    """Shards, then `side_files(tmp)`, into a temporary directory that becomes `out_dir` when complete."""
+    from tqdm.auto import tqdm
+
+    from moeforge.writer import atomic_output_dir, write_sharded
+
+    with atomic_output_dir(out_dir, opts.overwrite) as tmp:
+        total = sum(t.nbytes for t in tensors)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
+            written = write_sharded(tmp, tensors, shard_bytes, bar)
+        side_files(tmp)
+    return written
+
+
 def _model_config(out: Path, inputs: Inputs, plan) -> None:
-    config = inputs.layout.model_config(inputs.base.config, plan.shape, DTYPES[inputs.out_dtype][0])
+    config = inputs.layout.model_config(inputs.family.output_config(inputs.base.config), plan.shape,
+                                        DTYPES[inputs.out_dtype][0])
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -266,13 +279,14 @@ def _base_dims(base: Checkpoint) -> Tuple[int, int]:
     return num_layers, hidden
 
 
-class _ExpertChecks:
+class ExpertChecks:
     """Every expert must fit the base: family (unless --allow-crimes), hidden size, depth, and MLP tensors
     present and consistent; routed experts (and DeepSeek's shared ones) share one intermediate size."""
 
-    def __init__(self, base, family, layout, num_layers: int, hidden: int, opts: BuildOptions):
-        self.base, self.family, self.layout, self.opts = base, family, layout, opts
-        self.num_layers, self.hidden, self.routed_inter = num_layers, hidden, None
+    def __init__(self, families: Tuple[str, ...], family_rule: str, whose: str, layout, num_layers: int, hidden: int,
+                 opts: BuildOptions, routed_inter=None):
+        self.families, self.family_rule, self.whose, self.layout, self.opts = families, family_rule, whose, layout, opts
+        self.num_layers, self.hidden, self.routed_inter = num_layers, hidden, routed_inter
 
     def __call__(self, expert: Expert, ckpt, is_shared: bool):
         from moeforge.families import family_of
@@ -280,15 +294,14 @@ class _ExpertChecks:
         parts = getattr(ckpt, "parts", None) or [((0, self.num_layers), ckpt)]
         for _, part in parts:
             other = family_of(part)
-            if other.name != self.family.name and not self.opts.allow_crimes:
+            if other.name not in self.families and not self.opts.allow_crimes:
                 raise SourceError(
-                    f"{part.label}: is a {other.name} model but the base is {self.family.name}; "
-                    "mixing families needs --allow-crimes"
+                    f"{part.label}: is a {other.name} model but {self.family_rule}; mixing families needs --allow-crimes"
                 )
             for key, want in (("hidden_size", self.hidden), ("num_hidden_layers", self.num_layers)):
                 got = part.config_value(key)
                 if got != want:
-                    raise SourceError(f"{part.label}: {key} is {got}, but the base model's is {want}")
+                    raise SourceError(f"{part.label}: {key} is {got}, but {self.whose} is {want}")
         mlp = family_of(ckpt).mlp_name
         inter = ckpt.ref(mlp("gate", 0)).shape[0]
         for layer in range(self.num_layers):

@@ -53,6 +53,11 @@ class Family:
     declared: FrozenSet[str] = frozenset()
     # a read transform that rewrites a checkpoint's tensor index into Llama names (fused tensors split)
     view: Optional[Callable] = None
+    # config.json keys as other model classes read them (legacy spellings normalised)
+    config_fixup: Optional[Callable[[dict], dict]] = None
+
+    def output_config(self, config: dict) -> dict:
+        return self.config_fixup(dict(config)) if self.config_fixup is not None else config
 
     def mlp_name(self, role: str, layer: int) -> str:
         return self.mlp[role].format(layer=layer)

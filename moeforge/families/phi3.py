@@ -48,4 +48,14 @@ def split_fused(checkpoint) -> None:
     checkpoint.tensors = tensors
 
 
-PHI3 = Family(name="phi3", model_types=("phi3",), mlp=LLAMA_MLP, view=split_fused)
+def _legacy_rope(config: dict) -> dict:
+    """Phi-3's old rope_scaling types `su` and `yarn` are LongRoPE (Phi3Config maps them; other classes don't)."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key)
+        if isinstance(rope, dict) and (rope.get("type") or rope.get("rope_type")) in ("su", "yarn"):
+            rope = {k: v for k, v in rope.items() if k != "type"}
+            config[key] = {**rope, "rope_type": "longrope"}
+    return config
+
+
+PHI3 = Family(name="phi3", model_types=("phi3",), mlp=LLAMA_MLP, view=split_fused, config_fixup=_legacy_rope)

@@ -79,6 +79,9 @@ class Layout:
                     "torch_dtype": dtype}
         import transformers
 
+        hidden, heads = keys.get("hidden_size"), keys.get("num_attention_heads")
+        if keys.get("head_dim") is None and hidden and heads:
+            keys["head_dim"] = hidden // heads  # what it is anyway; scaled-RoPE validation reads it
         config = getattr(transformers, self.config_class)(**keys)
         config.architectures = list(self.architectures)
         config.dtype = dtype
