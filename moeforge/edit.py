@@ -112,6 +112,8 @@ def add_expert(moe_dir, expert_model: str, prompts: Sequence[str] = (), negative
     from moeforge.sources.moe_checkpoint import MoECheckpoint
     from moeforge.writer.output_dir import check_output_path
 
+    import torch
+
     opts = BuildOptions.from_kwargs(**options)
     moe_dir = Path(moe_dir)
     out = Path(out_dir) if out_dir is not None else moe_dir
@@ -130,9 +132,11 @@ def add_expert(moe_dir, expert_model: str, prompts: Sequence[str] = (), negative
         expert = _new_expert(expert_model, prompts, negative_prompts, mode)
         config = None
         if saved is not None:
+            if mode != saved.gate_mode:
+                log.warning("--gate-mode %s differs from the recorded %s: the recorded recipe will not rebuild the "
+                            "new expert's router row", mode, saved.gate_mode)
             data = saved.model_dump(exclude_none=True)
             data["experts"].append(expert.model_dump(exclude_none=True))
-            data["gate_mode"] = mode
             config = MoEConfig.from_dict(data, origin=f"{saved_path} with the new expert")
         base = None
         if mode not in RANDOM_GATE_MODES and mode != "cheap_embed":
@@ -159,8 +163,6 @@ def add_expert(moe_dir, expert_model: str, prompts: Sequence[str] = (), negative
         mlp = family_of(ckpt).mlp_name
         for layer in range(moe.num_layers):
             router = moe.ckpt.load(moe.layout.router_name(layer))
-            import torch
-
             value = torch.cat([router, rows[layer:layer + 1].to(router.dtype)]).contiguous()
             tensors.append(PlannedTensor(moe.layout.router_name(layer), tuple(value.shape),
                                          moe.ckpt.ref(moe.layout.router_name(layer)).dtype, FromValue(value)))
