@@ -13,7 +13,7 @@ from moeforge._version import __version__
 from moeforge.config import RANDOM_GATE_MODES, Expert, MoEConfig, load_config
 from moeforge.errors import ConfigError, SourceError
 from moeforge.options import BuildOptions, parse_shard_size
-from moeforge.sources.checkpoint import CODE_OF, DTYPES, Checkpoint, open_checkpoint
+from moeforge.sources.checkpoint import CODE_OF, DTYPES, Checkpoint
 
 if TYPE_CHECKING:
     from moeforge.families import Family
