@@ -14,7 +14,7 @@ from moeforge._version import __version__
 from moeforge.config import RANDOM_GATE_MODES, Expert, MoEConfig, load_config
 from moeforge.errors import ConfigError, SourceError
 from moeforge.options import BuildOptions, parse_shard_size
-from moeforge.sources.checkpoint import CODE_OF, DTYPES, Checkpoint, open_checkpoint
+from moeforge.sources.checkpoint import CODE_OF, DTYPES, Checkpoint
 
 if TYPE_CHECKING:
     from moeforge.families import Family
@@ -95,8 +95,18 @@ class Inputs:
 
     @property
     def gated(self) -> List[Tuple[Expert, Checkpoint]]:
-        """Experts that get a router row: the routed ones, then a gated shared expert."""
-        return self.experts + (self.shared if self.layout.shared_router else [])
+        """Experts that get a router row: the routed ones, then a gated shared expert (several shared experts
+        are one MLP under one gate, whose row comes from all their prompts together)."""
+        if not (self.layout.shared_router and self.shared):
+            return self.experts
+        if len(self.shared) == 1:
+            return self.experts + self.shared
+        joined = Expert.model_construct(
+            source_model=" + ".join(e.label for e, _ in self.shared),
+            positive_prompts=[p for e, _ in self.shared for p in e.positive_prompts or []],
+            negative_prompts=[p for e, _ in self.shared for p in e.negative_prompts or []] or None,
+        )
+        return self.experts + [(joined, self.shared[0][1])]
 
     @property
     def base_params(self) -> int:
@@ -135,40 +145,67 @@ def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str,
 
 
 def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
-    """Resolve and check every source (configs and headers only) and choose the layout."""
-    from moeforge.families import family_of
+    """Resolve and check every source and choose the layout, reading only configs and safetensors headers:
+    every refusal comes before any weight is downloaded, and each source is opened only once the ones before
+    it passed. Hub weights are downloaded at the end (`materialize`)."""
+    from moeforge.families import family_of, open_dense
     from moeforge.layouts import select_layout
 
+    if config.upcycle is None:
+        _check_not_all_same(config, opts)
     checkpoints: Dict[str, Checkpoint] = {}
 
     def open_once(ref: str) -> Checkpoint:
         if ref not in checkpoints:
-            checkpoints[ref] = open_checkpoint(ref)
+            checkpoints[ref] = open_dense(ref)
         return checkpoints[ref]
 
-    base = open_once(config.base_model)
-    experts = [(e, open_once(e.source_model)) for e in config.experts]
-    shared = [(e, open_once(e.source_model)) for e in config.shared_experts or []]
-    family = family_of(base)
-    for expert, ckpt in experts + shared:
-        other = family_of(ckpt)
-        if other.name != family.name and not opts.allow_crimes:
-            raise SourceError(
-                f"{expert.source_model}: is a {other.name} model but the base is {family.name}; "
-                "mixing families needs --allow-crimes"
-            )
-    layout, inferred = select_layout(config.architecture, family.name, family.features(base),
-                                     [e for e, _ in shared], config.gate_mode)
-    if config.upcycle is None:
-        _check_not_all_same(config, opts)
-    num_layers, hidden = _check_shapes(base, experts, shared, layout)
-    if config.upcycle is not None:
-        from moeforge.plan.upcycle import check_granularity
+    try:
+        base = open_once(config.base_model)
+        family = family_of(base)
+        layout, inferred = select_layout(config.architecture, family.name, family.features(base),
+                                         config.shared_experts or [], config.gate_mode)
+        num_layers, hidden = _base_dims(base)
+        if config.upcycle is not None:
+            from moeforge.plan.upcycle import check_granularity
 
-        check_granularity(base.ref(family.mlp_name("gate", 0)).shape[0], config.upcycle.granularity)
+            check_granularity(base.ref(family.mlp_name("gate", 0)).shape[0], config.upcycle.granularity)
+        for where, expert in _all_experts(config):
+            _check_layer_ranges(where, expert, num_layers)
+        checked = ExpertChecks((family.name,), f"the base is {family.name}", "the base model's", layout,
+                               num_layers, hidden, opts)
+        experts = [(e, checked(e, _open_expert(e, open_once), False)) for e in config.experts]
+        shared = [(e, checked(e, _open_expert(e, open_once), True)) for e in config.shared_experts or []]
+        for ckpt in checkpoints.values():
+            ckpt.materialize()
+    except BaseException:
+        for ckpt in checkpoints.values():
+            ckpt.close()
+        raise
     seed = opts.random_seed if opts.random_seed is not None else secrets.randbelow(2**31)
     return Inputs(config, opts, base, experts, shared, family, layout, inferred, num_layers, hidden,
                   _output_dtype(config, base), seed, checkpoints)
+
+
+def _all_experts(config: MoEConfig):
+    yield from ((f"experts.{i}", e) for i, e in enumerate(config.experts))
+    yield from ((f"shared_experts.{i}", e) for i, e in enumerate(config.shared_experts or []))
+
+
+def _open_expert(expert: Expert, open_once):
+    """The expert's checkpoint, or a LayeredSource over its per-layer sources."""
+    from moeforge.sources.layered import LayeredSource
+
+    if expert.sources is None:
+        return open_once(expert.source_model)
+    return LayeredSource(expert.label, [(s.layers, open_once(str(s.model))) for s in expert.sources])
+
+
+def _check_layer_ranges(where: str, expert: Expert, num_layers: int) -> None:
+    if expert.sources is not None and expert.sources[-1].layers[1] != num_layers:
+        end = expert.sources[-1].layers[1]
+        raise ConfigError(f"{where}.sources: layer ranges end at {end}, but the base model has {num_layers} layers"
+                          " (ranges must cover [0, num_layers) exactly)")
 
 
 def plan_tensors(inputs: Inputs) -> "MoEPlan":
@@ -200,17 +237,14 @@ def plan_tensors(inputs: Inputs) -> "MoEPlan":
 
 def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
     """Shards, then the side files, into a temporary directory that becomes `out_dir` when complete."""
-    from tqdm.auto import tqdm
-
-    from moeforge.writer import atomic_output_dir, write_sharded
-
     opts = inputs.options
     shard_bytes = parse_shard_size(opts.out_shard_size, DTYPES[inputs.out_dtype][1])
-    with atomic_output_dir(out_dir, opts.overwrite) as tmp:
-        with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
-            written = write_sharded(tmp, plan.tensors, shard_bytes, bar)
+
+    def side_files(tmp: Path) -> None:
         for write_side_file in SIDE_FILES:
             write_side_file(tmp, inputs, plan)
+
+    written = write_checkpoint(out_dir, plan.tensors, shard_bytes, opts, side_files)
     result = BuildResult(
         out_dir, inputs.layout.name, inputs.layout_inferred, len(inputs.experts), inputs.experts_per_token,
         written.files, inputs.base_params, plan.total_params, plan.active_params, inputs.seed,
@@ -219,8 +253,23 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
     return result
 
 
+def write_checkpoint(out_dir: Path, tensors, shard_bytes: int, opts: BuildOptions, side_files):
+    """Shards, then `side_files(tmp)`, into a temporary directory that becomes `out_dir` when complete."""
+    from tqdm.auto import tqdm
+
+    from moeforge.writer import atomic_output_dir, write_sharded
+
+    with atomic_output_dir(out_dir, opts.overwrite) as tmp:
+        total = sum(t.nbytes for t in tensors)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
+            written = write_sharded(tmp, tensors, shard_bytes, bar)
+        side_files(tmp)
+    return written
+
+
 def _model_config(out: Path, inputs: Inputs, plan) -> None:
-    config = inputs.layout.model_config(inputs.base.config, plan.shape, DTYPES[inputs.out_dtype][0])
+    config = inputs.layout.model_config(inputs.family.output_config(inputs.base.config), plan.shape,
+                                        DTYPES[inputs.out_dtype][0])
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -267,7 +316,7 @@ def human(n: int) -> str:
 
 
 def _check_not_all_same(config: MoEConfig, opts: BuildOptions) -> None:
-    sources = {e.source_model for e in config.experts}
+    sources = {e.label for e in config.experts}
     if len(config.experts) > 1 and len(sources) == 1 and not opts.allow_all_same:
         raise ConfigError(
             "experts: every expert is the same model, which costs more and computes the same; if you will train "
@@ -275,40 +324,56 @@ def _check_not_all_same(config: MoEConfig, opts: BuildOptions) -> None:
         )
 
 
-def _check_shapes(base: Checkpoint, experts, shared, layout):
-    """Every expert must fit the base: same hidden size and depth, MLP tensors present and consistent."""
-    from moeforge.families import family_of
-
+def _base_dims(base: Checkpoint) -> Tuple[int, int]:
     hidden = base.config_value("hidden_size")
     num_layers = base.config_value("num_hidden_layers")
     if not isinstance(hidden, int) or not isinstance(num_layers, int):
         raise SourceError(f"{base.path / 'config.json'}: needs integer hidden_size and num_hidden_layers")
-    routed_inter = None
-    for i, (expert, ckpt) in enumerate(experts + shared):
-        is_shared = i >= len(experts)
-        for key, want in (("hidden_size", hidden), ("num_hidden_layers", num_layers)):
-            got = ckpt.config_value(key)
-            if got != want:
-                raise SourceError(f"{expert.source_model}: {key} is {got}, but the base model's is {want}")
+    return num_layers, hidden
+
+
+class ExpertChecks:
+    """Every expert must fit the base: family (unless --allow-crimes), hidden size, depth, and MLP tensors
+    present and consistent; routed experts (and DeepSeek's shared ones) share one intermediate size."""
+
+    def __init__(self, families: Tuple[str, ...], family_rule: str, whose: str, layout, num_layers: int, hidden: int,
+                 opts: BuildOptions, routed_inter=None):
+        self.families, self.family_rule, self.whose, self.layout, self.opts = families, family_rule, whose, layout, opts
+        self.num_layers, self.hidden, self.routed_inter = num_layers, hidden, routed_inter
+
+    def __call__(self, expert: Expert, ckpt, is_shared: bool):
+        from moeforge.families import family_of
+
+        parts = getattr(ckpt, "parts", None) or [((0, self.num_layers), ckpt)]
+        for _, part in parts:
+            other = family_of(part)
+            if other.name not in self.families and not self.opts.allow_crimes:
+                raise SourceError(
+                    f"{part.label}: is a {other.name} model but {self.family_rule}; mixing families needs --allow-crimes"
+                )
+            for key, want in (("hidden_size", self.hidden), ("num_hidden_layers", self.num_layers)):
+                got = part.config_value(key)
+                if got != want:
+                    raise SourceError(f"{part.label}: {key} is {got}, but {self.whose} is {want}")
         mlp = family_of(ckpt).mlp_name
         inter = ckpt.ref(mlp("gate", 0)).shape[0]
-        for layer in range(num_layers):
+        for layer in range(self.num_layers):
             shapes = {r: ckpt.ref(mlp(r, layer)).shape for r in ("gate", "up", "down")}
-            want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+            want = {"gate": (inter, self.hidden), "up": (inter, self.hidden), "down": (self.hidden, inter)}
             if shapes != want:
                 raise SourceError(
-                    f"{expert.source_model}: layer {layer} MLP shapes {shapes} do not match {want} "
-                    f"(hidden size {hidden}, intermediate size {inter})"
+                    f"{expert.label}: layer {layer} MLP shapes {shapes} do not match {want} "
+                    f"(hidden size {self.hidden}, intermediate size {inter})"
                 )
-        if routed_inter is None:
-            routed_inter = inter
-        elif inter != routed_inter and (not is_shared or layout.name == "deepseek"):
+        if self.routed_inter is None:
+            self.routed_inter = inter
+        elif inter != self.routed_inter and (not is_shared or self.layout.name == "deepseek"):
             kind = "shared expert" if is_shared else "expert"
             raise SourceError(
-                f"{expert.source_model}: {kind} intermediate size {inter} differs from the routed experts' "
-                f"{routed_inter} ({layout.name} needs them equal)"
+                f"{expert.label}: {kind} intermediate size {inter} differs from the routed experts' "
+                f"{self.routed_inter} ({self.layout.name} needs them equal)"
             )
-    return num_layers, hidden
+        return ckpt
 
 
 def _output_dtype(config: MoEConfig, base: Checkpoint) -> str:

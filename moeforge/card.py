@@ -59,10 +59,11 @@ class CardSource:
 
 @dataclasses.dataclass(frozen=True)
 class CardExpert:
-    source: str  # the reference as written in the config
+    source: str  # the reference as written in the config (or the per-layer sources, joined)
     positive_prompts: Sequence[str] = ()
     negative_prompts: Sequence[str] = ()
     shared: bool = False
+    models: Sequence[str] = ()  # every model it draws on, when more than `source` (per-layer experts)
 
 
 def make_card(
@@ -93,7 +94,7 @@ def make_card(
 
     from moeforge.sources.resolve import hub_id
 
-    refs = _unique([base_model] + [e.source for e in experts])
+    refs = _unique([base_model] + [m for e in experts for m in (e.models or [e.source])])
     known = {s.ref: s for s in sources}
     hub_ids = _unique([i for i in (hub_id(r) for r in refs) if i])
     license_ = common_license([known[r].license if r in known else None for r in refs])
@@ -180,10 +181,10 @@ def license_of(model_dir: Path) -> Optional[License]:
 def build_card(inputs: "Inputs", plan, config_text: str, config_name: str) -> "ModelCard":
     """The card of a `moeforge build`, from its inputs and plan."""
     config = inputs.config
-    experts = [CardExpert(e.source_model, e.positive_prompts or (), e.negative_prompts or ()) for e in config.experts]
-    experts += [
-        CardExpert(e.source_model, e.positive_prompts or (), e.negative_prompts or (), shared=True)
-        for e in config.shared_experts or ()
+    experts = [
+        CardExpert(e.label, e.positive_prompts or (), e.negative_prompts or (), shared=shared, models=e.models())
+        for shared, group in ((False, config.experts), (True, config.shared_experts or ()))
+        for e in group
     ]
     sources = [source_info(ref, ckpt.path) for ref, ckpt in inputs.checkpoints.items()]
     return make_card(

@@ -211,6 +211,55 @@ def wemoe_eval_cmd(out_path, data, batch_size, limit, device, json_path, no_veri
     _run(evaluate_and_print, verbose=verbose)
 
 
+# as config.GateMode, listed here so that --help does not import pydantic
+_GATE_MODES = ["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"]
+
+
+@cli.command("add-expert")
+@click.argument("moe_dir", metavar="MOE_DIR", type=click.Path(file_okay=False))
+@click.option("--expert", "expert_model", required=True, help="Dense model whose MLPs become the new expert (directory, org/name, model+lora).")
+@click.option("--prompt", "--prompts", "prompts", multiple=True, help="A positive prompt for the new expert's router row (repeat for more).")
+@click.option("--negative-prompt", "negative_prompts", multiple=True, help="A negative prompt (repeat for more).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=True), default=None, help="Write the result here instead of replacing MOE_DIR.")
+@click.option("--gate-mode", type=click.Choice(_GATE_MODES), default=None, help="Router mode (default: the one recorded in MOE_DIR/moeforge_config.yml).")
+@click.option("--base-model", default=None, help="Dense base for hidden gates (default: the one recorded in MOE_DIR/moeforge_config.yml).")
+@click.option("--random-seed", type=int, default=None, help="Seed for random gates and noise.")
+@click.option("--out-shard-size", default="5B", show_default=True, help="Max shard size: parameters (5B, 500M) or bytes (4GB, 4GiB).")
+@click.option("--device", default="auto", show_default=True, help="Device for hidden-state gates.")
+@click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Dtype of the base model's forward pass for hidden gates.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from the base model's repository.")
+@click.option("--allow-crimes", is_flag=True, help="Allow an expert from a family the MoE's layout does not take.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")
+@click.option("--quiet", is_flag=True, help="No progress bars or info messages.")
+def add_expert_cmd(moe_dir, verbose, quiet, **options):
+    """Append an expert (and its router row) to the MoE checkpoint in MOE_DIR."""
+    _setup_logging(verbose, quiet)
+    from moeforge.edit import add_expert
+
+    result = _run(add_expert, moe_dir, verbose=verbose, quiet=quiet, **options)
+    if not quiet:
+        click.echo(f"moeforge: {result.summary}", err=True)
+
+
+@cli.command("extract")
+@click.argument("moe_dir", metavar="MOE_DIR", type=click.Path(file_okay=False))
+@click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=True))
+@click.option("--expert", type=int, required=True, help="Index of the routed expert to extract (0-based).")
+@click.option("--out-shard-size", default="5B", show_default=True, help="Max shard size: parameters (5B, 500M) or bytes (4GB, 4GiB).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the new model is complete).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")
+@click.option("--quiet", is_flag=True, help="No progress bars or info messages.")
+def extract_cmd(moe_dir, out_dir, expert, verbose, quiet, **options):
+    """Write to OUT the dense model whose MLP is expert N of the MoE in MOE_DIR."""
+    _setup_logging(verbose, quiet)
+    from moeforge.edit import extract_expert
+
+    result = _run(extract_expert, moe_dir, expert, out_dir, verbose=verbose, quiet=quiet, **options)
+    if not quiet:
+        click.echo(f"moeforge: {result.summary}", err=True)
+
+
 def _run(fn, *args, **kwargs):
     """Users see one line and an exit code; tracebacks only with -v."""
     from moeforge.errors import MoeforgeError

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Literal, Optional, Union
+from typing import Any, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -27,19 +27,70 @@ class ModelSpec(_Strict):
         return f"{self.model}+{self.lora}" if self.lora else self.model
 
 
+def _model_text(v):
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("must not be empty")
+    return v if v is None else str(v)
+
+
+class LayerSource(_Strict):
+    """One model's MLPs for the layers [start, end) of an expert (per-layer expert choice)."""
+
+    model: Union[str, ModelSpec]
+    layers: Tuple[int, int]
+
+    _as_text = field_validator("model", mode="after")(_model_text)
+
+    @field_validator("layers", mode="after")
+    @classmethod
+    def _range(cls, v):
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"[{v[0]}, {v[1]}] is not a layer range [start, end) with 0 <= start < end")
+        return v
+
+    def __str__(self) -> str:
+        return f"{self.model}[{self.layers[0]}:{self.layers[1]}]"
+
+
 class Expert(_Strict):
-    source_model: Union[str, ModelSpec]
+    source_model: Optional[Union[str, ModelSpec]] = None
+    sources: Optional[List[LayerSource]] = Field(default=None, min_length=1)
     positive_prompts: Optional[List[str]] = None
     negative_prompts: Optional[List[str]] = None
     noise_scale: Optional[float] = Field(default=None, ge=0)
     residual_scale: Optional[float] = None
 
-    @field_validator("source_model", mode="after")
+    _as_text = field_validator("source_model", mode="after")(_model_text)
+
+    @field_validator("sources", mode="after")
     @classmethod
-    def _as_text(cls, v):
-        if isinstance(v, str) and not v.strip():
-            raise ValueError("must not be empty")
-        return str(v)
+    def _tiled(cls, v):
+        """Ranges in order, from layer 0, without gaps or overlaps (the end is checked against the base)."""
+        if v is None:
+            return v
+        ranges = sorted(s.layers for s in v)
+        if ranges[0][0] != 0:
+            raise ValueError(f"layer ranges start at {ranges[0][0]}, not 0: layers 0..{ranges[0][0] - 1} have no source")
+        for (s0, e0), (s1, e1) in zip(ranges, ranges[1:]):
+            if s1 < e0:
+                raise ValueError(f"layer ranges [{s0}, {e0}) and [{s1}, {e1}) overlap")
+            if s1 > e0:
+                raise ValueError(f"layer ranges [{s0}, {e0}) and [{s1}, {e1}) leave layers {e0}..{s1 - 1} without a source")
+        return sorted(v, key=lambda s: s.layers)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Expert":
+        if (self.source_model is None) == (self.sources is None):
+            raise ValueError("give exactly one of source_model or sources (per-layer models)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The model reference, or the per-layer sources, for messages."""
+        return self.source_model if self.sources is None else " + ".join(map(str, self.sources))
+
+    def models(self) -> List[str]:
+        return [self.source_model] if self.sources is None else [str(s.model) for s in self.sources]
 
     def prompts_key(self) -> tuple:
         return (tuple(self.positive_prompts or ()), tuple(self.negative_prompts or ()))

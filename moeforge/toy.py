@@ -62,8 +62,10 @@ def make_dense(
         model = transformers.AutoModelForCausalLM.from_pretrained(str(init_from), dtype=torch.float32)
     else:
         config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
-        if family == "qwen3":
+                        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                        "phi3": transformers.Phi3Config, "gemma": transformers.GemmaConfig,
+                        "gemma2": transformers.Gemma2Config}[family]
+        if family in ("qwen3", "gemma", "gemma2"):
             config_overrides.setdefault("head_dim", hidden_size // 4)
         config = config_class(
             vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,

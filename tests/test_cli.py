@@ -29,7 +29,7 @@ def digest_tree(path) -> dict:
 def test_help_does_not_import_heavy_modules():
     code = (
         "import sys\nfrom click.testing import CliRunner\nfrom moeforge.cli import cli\n"
-        "for args in (['--help'], ['build', '--help']):\n"
+        "for args in (['--help'], ['build', '--help'], ['add-expert', '--help'], ['extract', '--help']):\n"
         "    r = CliRunner().invoke(cli, args)\n    assert r.exit_code == 0, r.output\n"
         "heavy = [m for m in ('torch', 'transformers', 'safetensors', 'pydantic', 'huggingface_hub') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

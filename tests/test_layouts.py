@@ -157,8 +157,8 @@ def test_inference_order_follows_mergekit(models, out, tmp_path):
 @pytest.mark.parametrize(
     "arch, family, shared, needle",
     [
-        ("mixtral", "qwen2", 0, "mixtral takes llama/mistral inputs, not qwen2; layouts that accept these inputs: qwen"),
-        ("qwen", "qwen3", 1, "qwen takes llama/mistral/qwen2 inputs, not qwen3; layouts that accept these inputs: qwen3"),
+        ("mixtral", "qwen2", 0, "mixtral takes llama/mistral/phi3 inputs, not qwen2; layouts that accept these inputs: qwen"),
+        ("qwen", "qwen3", 1, "qwen takes llama/mistral/qwen2/phi3 inputs, not qwen3; layouts that accept these inputs: qwen3"),
         ("mixtral", "llama", 1, "mixtral has no shared experts"),
         ("qwen3", "qwen3", 1, "qwen3 has no shared experts"),
         ("qwen", "llama", 0, "qwen needs 1 shared expert"),

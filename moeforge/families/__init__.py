@@ -8,12 +8,14 @@ from typing import List
 
 from moeforge.errors import SourceError
 from moeforge.families.base import Family
+from moeforge.families.gemma import GEMMA, GEMMA2
 from moeforge.families.llama import LLAMA
 from moeforge.families.mistral import MISTRAL
+from moeforge.families.phi3 import PHI3
 from moeforge.families.qwen2 import QWEN2
 from moeforge.families.qwen3 import QWEN3
 
-FAMILIES: List[Family] = [LLAMA, MISTRAL, QWEN2, QWEN3]
+FAMILIES: List[Family] = [LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA, GEMMA2]
 
 
 def family_of(checkpoint) -> Family:
@@ -27,4 +29,13 @@ def family_of(checkpoint) -> Family:
     )
 
 
-__all__ = ["Family", "FAMILIES", "family_of"]
+def open_dense(text: str):
+    """A dense model reference opened lazily, with its family's read transform applied."""
+    from moeforge.sources.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(text)
+    family_of(ckpt).prepare(ckpt)
+    return ckpt
+
+
+__all__ = ["Family", "FAMILIES", "family_of", "open_dense"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 from moeforge.errors import ConfigError
+from moeforge.families.base import describe_features
 from moeforge.layouts.base import Layout, MoEShape
 from moeforge.layouts.deepseek_moe import DEEPSEEK_MOE
 from moeforge.layouts.mixtral import MIXTRAL
@@ -20,11 +21,23 @@ def layout_named(name: str) -> Layout:
     raise ConfigError(f"architecture: {name!r} is not an output layout (choose from {', '.join(l.name for l in LAYOUTS)})")
 
 
+def _check_some_layout_fits(family: str, features) -> None:
+    """Inputs no layout can express are refused with what is missing, whatever `architecture` says."""
+    if any(l.refusal(family, features) is None for l in LAYOUTS):
+        return
+    takers = [l for l in LAYOUTS if family in l.families] or LAYOUTS
+    missing = frozenset(features) - frozenset().union(*(l.features for l in takers))
+    if missing:
+        raise ConfigError(f"architecture: no output layout can express {family} inputs with "
+                          f"{describe_features(missing)}")
+
+
 def select_layout(
     architecture: Optional[str], family: str, features, shared: Sequence = (), gate_mode: str = "hidden"
 ) -> Tuple[Layout, bool]:
     """The named layout (prefix match, as mergekit), or the first that accepts the inputs; and whether inferred."""
     names = ", ".join(l.name for l in LAYOUTS)
+    _check_some_layout_fits(family, features)
     if architecture:
         # exact name first, so `qwen` is Qwen2-MoE and not also Qwen3-MoE
         candidates = [l for l in LAYOUTS if l.name == architecture.lower()] or [

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
+from moeforge.families.base import describe_features
+
 
 @dataclasses.dataclass(frozen=True)
 class MoEShape:
@@ -28,11 +30,13 @@ class Layout:
     moe_config: Callable[[MoEShape], dict]
     config_class: Optional[str] = None  # transformers class that validates and fills the config, if native
     model_type: Optional[str] = None  # for layouts without a transformers class
-    max_shared_experts: int = 0
+    max_shared_experts: Optional[int] = 0  # None: any number (concatenated into one MLP)
     min_shared_experts: int = 0
     shared_expert: Optional[Dict[str, str]] = None  # role -> name with {layer}
     shared_router: Optional[str] = None  # a gated shared expert's router row, with {layer}
     required_features: FrozenSet[str] = frozenset()  # filled with zeros when the input lacks them
+    expert_count_key: str = "num_experts"  # config.json key holding the number of routed experts
+    dense_model_type: str = "llama"  # the dense family one expert plus the attention is (moeforge extract)
     notes: str = ""
 
     def expert_name(self, role: str, layer: int, expert: int) -> str:
@@ -45,14 +49,14 @@ class Layout:
         """Why this layout cannot express an input's attention, or None."""
         if family_name not in self.families:
             return f"{self.name} takes {'/'.join(self.families)} inputs, not {family_name}"
-        missing = sorted(features - self.features)
+        missing = features - self.features
         if missing:
-            return f"{self.name} cannot express {', '.join(missing)}"
+            return f"{self.name} cannot express {describe_features(missing)}"
         return None
 
     def shared_refusal(self, shared, gate_mode: str) -> Optional[str]:
         """Why this layout cannot take these shared experts, or None."""
-        if len(shared) > self.max_shared_experts:
+        if self.max_shared_experts is not None and len(shared) > self.max_shared_experts:
             if self.max_shared_experts == 0:
                 return f"{self.name} has no shared experts (remove shared_experts)"
             return f"{self.name} takes at most {self.max_shared_experts} shared expert(s)"
@@ -75,6 +79,9 @@ class Layout:
                     "torch_dtype": dtype}
         import transformers
 
+        hidden, heads = keys.get("hidden_size"), keys.get("num_attention_heads")
+        if keys.get("head_dim") is None and hidden and heads:
+            keys["head_dim"] = hidden // heads  # what it is anyway; scaled-RoPE validation reads it
         config = getattr(transformers, self.config_class)(**keys)
         config.architectures = list(self.architectures)
         config.dtype = dtype

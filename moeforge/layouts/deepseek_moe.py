@@ -2,7 +2,8 @@
 
 transformers has no native class: it loads with trust_remote_code through `auto_map` (the 16b repo's code);
 vLLM and llama.cpp read the layout natively. Shared experts are ungated and stored as one MLP of
-n_shared_experts * moe_intermediate_size.
+n_shared_experts * moe_intermediate_size (their MLPs concatenated: the sum of their outputs). The remote
+code knows only linear/dynamic RoPE scaling and no sliding window, so inputs with either are refused.
 """
 from moeforge.layouts.base import Layout, MoEShape
 from moeforge.layouts.qwen2_moe import QWEN_EXPERT
@@ -33,13 +34,14 @@ def _moe_config(shape: MoEShape) -> dict:
 DEEPSEEK_MOE = Layout(
     name="deepseek",
     architectures=("DeepseekForCausalLM",),
-    families=("llama", "mistral"),
+    families=("llama", "mistral", "phi3"),
     features=frozenset(),
     expert=QWEN_EXPERT,
     router="model.layers.{layer}.mlp.gate.weight",
     moe_config=_moe_config,
     model_type="deepseek",
-    max_shared_experts=1,
+    max_shared_experts=None,
+    expert_count_key="n_routed_experts",
     shared_expert={
         "gate": "model.layers.{layer}.mlp.shared_experts.gate_proj.weight",
         "up": "model.layers.{layer}.mlp.shared_experts.up_proj.weight",

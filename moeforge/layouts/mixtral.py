@@ -13,8 +13,8 @@ def _moe_config(shape: MoEShape) -> dict:
 MIXTRAL = Layout(
     name="mixtral",
     architectures=("MixtralForCausalLM",),
-    families=("llama", "mistral"),
-    features=frozenset({"custom_head_dim"}),
+    families=("llama", "mistral", "phi3"),
+    features=frozenset({"custom_head_dim", "sliding_window", "rope_scaling"}),
     expert={
         "gate": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
         "down": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
@@ -23,4 +23,5 @@ MIXTRAL = Layout(
     router="model.layers.{layer}.block_sparse_moe.gate.weight",
     moe_config=_moe_config,
     config_class="MixtralConfig",
+    expert_count_key="num_local_experts",
 )

@@ -1,6 +1,7 @@
 """Qwen2-MoE (Qwen2MoeForCausalLM): routed experts plus one shared expert scaled by a sigmoid gate.
 
-Its attention always has q/k/v biases: inputs without them get zeros (same function).
+Its attention always has q/k/v biases: inputs without them get zeros (same function). Several shared
+experts are concatenated into the one shared MLP (the sum of their outputs) under one sigmoid gate.
 """
 from moeforge.layouts.base import Layout, MoEShape
 
@@ -37,15 +38,16 @@ def _moe_config(shape: MoEShape) -> dict:
 QWEN2_MOE = Layout(
     name="qwen",
     architectures=("Qwen2MoeForCausalLM",),
-    families=("llama", "mistral", "qwen2"),
-    features=frozenset({"qkv_bias"}),
+    families=("llama", "mistral", "qwen2", "phi3"),
+    features=frozenset({"qkv_bias", "rope_scaling"}),
     required_features=frozenset({"qkv_bias"}),
     expert=QWEN_EXPERT,
     router="model.layers.{layer}.mlp.gate.weight",
     moe_config=_moe_config,
     config_class="Qwen2MoeConfig",
     min_shared_experts=1,
-    max_shared_experts=1,
+    max_shared_experts=None,
+    dense_model_type="qwen2",
     shared_expert={
         "gate": "model.layers.{layer}.mlp.shared_expert.gate_proj.weight",
         "up": "model.layers.{layer}.mlp.shared_expert.up_proj.weight",

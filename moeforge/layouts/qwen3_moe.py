@@ -7,10 +7,11 @@ QWEN3_MOE = Layout(
     name="qwen3",
     architectures=("Qwen3MoeForCausalLM",),
     families=("qwen3",),
-    features=frozenset({"qk_norm", "custom_head_dim"}),
+    features=frozenset({"qk_norm", "custom_head_dim", "rope_scaling"}),
     required_features=frozenset({"qk_norm"}),
     expert=QWEN_EXPERT,
     router="model.layers.{layer}.mlp.gate.weight",
     moe_config=qwen_moe_keys,
     config_class="Qwen3MoeConfig",
+    dense_model_type="qwen3",
 )

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from moeforge.families.base import MLP_ROLES, layer_of
 from moeforge.layouts.base import MoEShape
-from moeforge.plan.tensors import FromSource, FromValue, PlannedTensor, output_dtype
+from moeforge.errors import SourceError
+from moeforge.plan.tensors import FromConcat, FromSource, FromValue, PlannedTensor, output_dtype
 
 if TYPE_CHECKING:
     from moeforge.builder import Inputs
@@ -87,16 +88,32 @@ def plan_moe(inputs: "Inputs", routers, shared_routers=None) -> MoEPlan:
                 extras = inputs.expert_extras(index, layer, role, inter)
                 tensors.append(source_tensor(layout.expert_name(role, layer, index), ckpt, mlp(role, layer),
                                              out_dtype, seed, expert, role, routed=True, **extras))
-        for expert, ckpt in inputs.shared:
-            mlp = inputs.family_of(ckpt).mlp_name
-            for role in MLP_ROLES:
-                out_name = layout.shared_expert[role].format(layer=layer)
-                tensors.append(source_tensor(out_name, ckpt, mlp(role, layer), out_dtype, seed, expert, role))
+        if inputs.shared:
+            tensors += [shared_tensor(inputs, layer, role) for role in MLP_ROLES]
         if layout.shared_router and inputs.shared:
             tensors.append(_value(layout.shared_router.format(layer=layer), shared_routers[layer], out_dtype))
 
     tensors.sort(key=lambda t: sort_key(t.name))
     return MoEPlan(tensors, moe_shape(inputs), inputs.num_layers)
+
+
+def shared_tensor(inputs: "Inputs", layer: int, role: str) -> PlannedTensor:
+    """The shared MLP: one shared expert as it is, several concatenated along the intermediate dimension
+    (gate/up rows, down columns), so the MLP computes the sum of their outputs, each with its own
+    residual_scale on its own down columns."""
+    out_name = inputs.layout.shared_expert[role].format(layer=layer)
+    planned = [
+        source_tensor(out_name if i == 0 else f"{out_name}#{i}", ckpt, inputs.family_of(ckpt).mlp_name(role, layer),
+                      inputs.out_dtype, inputs.seed, expert, role)
+        for i, (expert, ckpt) in enumerate(inputs.shared)
+    ]
+    if len(planned) == 1:
+        return planned[0]
+    source = FromConcat(tuple(t.source for t in planned), dim=1 if role == "down" else 0)
+    dtypes = {t.dtype for t in planned}
+    if len(dtypes) > 1:
+        raise SourceError(f"shared_experts: their {role} tensors have different dtypes {sorted(dtypes)}")
+    return PlannedTensor(out_name, source.shape, planned[0].dtype, source)
 
 
 def moe_shape(inputs: "Inputs") -> MoEShape:

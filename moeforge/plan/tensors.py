@@ -1,4 +1,4 @@
-"""Planned tensors and the two places their bytes come from: a source tensor, or a computed value."""
+"""Planned tensors and where their bytes come from: a source tensor, several joined, or a computed value."""
 from __future__ import annotations
 
 import dataclasses
@@ -112,6 +112,62 @@ class FromSource:
             yield x * self.scale if self.scale is not None else x  # in the source dtype, as mergekit
 
 
+@dataclasses.dataclass(frozen=True)
+class FromConcat:
+    """Several sources joined along `dim` (0: rows, 1: columns), streamed piece by piece: shared experts
+    concatenated along the intermediate dimension (gate/up rows, down columns)."""
+
+    parts: Tuple[FromSource, ...]
+    dim: int
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        shape = list(self.parts[0].shape)
+        shape[self.dim] = sum(p.shape[self.dim] for p in self.parts)
+        return tuple(shape)
+
+    def byte_range(self) -> Optional[Tuple[int, int]]:
+        return None
+
+    def tensors(self, chunk_bytes: int):
+        """Row chunks of the joined tensor: each part in turn (dim 0), or row blocks of every part side by
+        side (dim 1); memory stays within about `chunk_bytes` plus what a part's own transforms need."""
+        if self.dim == 0:
+            for part in self.parts:
+                yield from part.tensors(chunk_bytes)
+            return
+        import torch
+
+        rows = self.shape[0]
+        row_bytes = 4 * sum(p.ref.nbytes // max(p.ref.shape[0], 1) for p in self.parts)
+        step = max(1, chunk_bytes // row_bytes)
+        streams = [_RowStream(p.tensors(max(1, chunk_bytes // len(self.parts)))) for p in self.parts]
+        for start in range(0, rows, step):
+            pieces = [s.take(min(step, rows - start)) for s in streams]
+            dtype = pieces[0].dtype
+            for x in pieces[1:]:
+                dtype = torch.promote_types(dtype, x.dtype)  # widening only: the later cast is exact
+            yield torch.cat([x.to(dtype) for x in pieces], dim=1)
+
+
+class _RowStream:
+    """Hands out exactly n rows at a time from a generator of row chunks of any size."""
+
+    def __init__(self, chunks):
+        self.chunks, self.pending, self.count = chunks, [], 0
+
+    def take(self, n: int):
+        import torch
+
+        while self.count < n:
+            x = next(self.chunks)
+            self.pending.append(x)
+            self.count += x.shape[0]
+        x = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+        self.pending, self.count = ([x[n:]] if x.shape[0] > n else []), x.shape[0] - n
+        return x[:n]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class FromValue:
     """A tensor computed before writing (router weights, zero biases); small by construction."""
@@ -124,7 +180,7 @@ class PlannedTensor:
     name: str
     shape: Tuple[int, ...]
     dtype: str  # safetensors code of the output
-    source: Union[FromSource, FromValue]
+    source: Union[FromSource, FromConcat, FromValue]
     routed: bool = False  # a routed expert's tensor: counts once per chosen expert in active parameters
 
     @property

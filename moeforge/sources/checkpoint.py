@@ -1,7 +1,9 @@
 """A dense checkpoint on disk, read lazily.
 
 Safetensors headers are parsed up front so the plan knows every tensor's file and byte range; tensor data is
-read only when a tensor is written (and not at all when its bytes can be copied file to file).
+read only when a tensor is written (and not at all when its bytes can be copied file to file). A Hub model
+can first be opened as a preview (config.json and remote safetensors headers only), so every check runs
+before its weights are downloaded; `materialize()` downloads them.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import struct
 from functools import cached_property
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from moeforge.errors import SourceError
 
@@ -26,14 +28,30 @@ MAX_HEADER = 100 * 1024 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class TensorRef:
-    """Where one source tensor lives. `start`/`end` are absolute file offsets (safetensors only)."""
+    """Where one source tensor lives. `start`/`end` are absolute file offsets (safetensors only).
+
+    A view (`row0`, `stored_rows` set) is a row range of the stored tensor `name`: fused tensors split on read.
+    Rows are contiguous bytes, so a view of a safetensors tensor is still one byte range.
+    """
 
     file: Path
-    name: str
+    name: str  # the name stored in the file
     dtype: str  # safetensors code, e.g. "BF16"
     shape: Tuple[int, ...]
     start: Optional[int] = None
     end: Optional[int] = None
+    row0: int = 0
+    stored_rows: Optional[int] = None
+
+    def rows(self, first: int, count: int) -> "TensorRef":
+        """A view of `count` rows from row `first` of this tensor."""
+        if not self.shape or first < 0 or first + count > self.shape[0]:
+            raise SourceError(f"{self.file}: tensor {self.name!r} has no rows {first}..{first + count}")
+        row_bytes = self.nbytes // max(self.shape[0], 1)
+        start = None if self.start is None else self.start + first * row_bytes
+        return TensorRef(self.file, self.name, self.dtype, (count, *self.shape[1:]), start,
+                         None if start is None else start + count * row_bytes, self.row0 + first,
+                         self.stored_rows if self.stored_rows is not None else self.shape[0])
 
     @property
     def nbytes(self) -> int:
@@ -85,12 +103,35 @@ def read_safetensors_header(path: Path) -> Dict[str, TensorRef]:
 class Checkpoint:
     """One model directory: its config.json and a lazy tensor index over safetensors or PyTorch .bin files."""
 
-    def __init__(self, path: Path, label: Optional[str] = None):
+    def __init__(self, path: Path, label: Optional[str] = None, tensors: Optional[Dict[str, TensorRef]] = None,
+                 fetch: Optional[Callable[[], Path]] = None):
+        """`tensors` and `fetch` make a preview: shapes from remote headers, weights fetched by `materialize`."""
         self.path = Path(path)
         self.label = label or str(path)
         self._handles: dict = {}
         self.adapter = None  # a LoraAdapter whose deltas apply to this checkpoint's tensors
-        self.tensors: Dict[str, TensorRef] = self._index()
+        self._fetch = fetch
+        self._views: List[Callable[["Checkpoint"], None]] = []
+        self.tensors: Dict[str, TensorRef] = tensors if tensors is not None else self._index()
+
+    @property
+    def is_preview(self) -> bool:
+        return self._fetch is not None
+
+    def add_view(self, view: Callable[["Checkpoint"], None]) -> None:
+        """A read transform that rewrites `tensors` (an input family's fused tensors split into views);
+        applied now and again after `materialize`."""
+        self._views.append(view)
+        view(self)
+
+    def materialize(self) -> None:
+        """Download a preview's weights (after every check passed) and index the local files."""
+        if self._fetch is None:
+            return
+        self.path, self._fetch = Path(self._fetch()), None
+        self.tensors = self._index()
+        for view in self._views:
+            view(self)
 
     # ---- metadata ---------------------------------------------------------------------------------
     @cached_property
@@ -174,16 +215,24 @@ class Checkpoint:
     def load(self, name: str):
         """One tensor as a torch.Tensor (memory-mapped where the format allows)."""
         ref = self.ref(name)
-        if ref.start is None:
-            return self._load_bin(ref.file)[name]
-        return self._safe_open(ref.file).get_tensor(name)
+        if ref.stored_rows is not None:
+            return self.load_rows(name, 0, ref.shape[0])
+        return self._load_stored(ref)
 
     def load_rows(self, name: str, start: int, stop: int):
         ref = self.ref(name)
+        start, stop = start + ref.row0, min(stop, ref.shape[0] if ref.shape else 1) + ref.row0
         if ref.start is None or len(ref.shape) == 0:
-            t = self.load(name)
+            t = self._load_stored(ref)
             return t if len(ref.shape) == 0 else t[start:stop]
-        return self._safe_open(ref.file).get_slice(name)[start:stop]
+        return self._safe_open(ref.file).get_slice(ref.name)[start:stop]
+
+    def _load_stored(self, ref: TensorRef):
+        if self._fetch is not None:
+            raise AssertionError(f"{self.label}: tensor data read from a preview (materialize it first)")
+        if ref.start is None:
+            return self._load_bin(ref.file)[ref.name]
+        return self._safe_open(ref.file).get_tensor(ref.name)
 
     def _safe_open(self, file: Path):
         handle = self._handles.get(file)
@@ -224,11 +273,16 @@ def _weight_map(index: Path) -> Dict[str, str]:
 
 
 def open_checkpoint(text: str) -> Checkpoint:
-    """A model reference (`dir`, `org/name@rev`, `model+adapter`) opened lazily."""
+    """A model reference (`dir`, `org/name@rev`, `model+adapter`) opened lazily: a Hub model (online) as a
+    preview whose weights are downloaded by `materialize()`."""
     from moeforge.sources.lora import LoraAdapter
-    from moeforge.sources.resolve import resolve_adapter, resolve_model
+    from moeforge.sources.resolve import preview_model, resolve_adapter, resolve_model
 
-    ckpt = Checkpoint(resolve_model(text), label=text)
+    preview = preview_model(text)
+    if preview is not None:
+        ckpt = Checkpoint(preview.path, label=text, tensors=preview.tensors, fetch=preview.fetch)
+    else:
+        ckpt = Checkpoint(resolve_model(text), label=text)
     adapter_dir = resolve_adapter(text)
     if adapter_dir is not None:
         ckpt.adapter = LoraAdapter(adapter_dir, label=text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from moeforge.errors import SourceError
 
@@ -17,10 +17,14 @@ class LoraDelta:
     a: str
     b: str
     scale: float
+    rows: Optional[Tuple[int, int]] = None  # the rows of a fused module's delta that one split tensor takes
 
     def compute(self):
         """scale * B @ A in float32."""
-        return (self.adapter.load(self.b).float() @ self.adapter.load(self.a).float()) * self.scale
+        b = self.adapter.load(self.b).float()
+        if self.rows is not None:
+            b = b[self.rows[0]:self.rows[1]]
+        return (b @ self.adapter.load(self.a).float()) * self.scale
 
 
 class LoraAdapter:

@@ -1,11 +1,12 @@
 """Model references: a local directory or a Hub id (`org/name`, `org/name@revision`)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 from moeforge.errors import SourceError
 
@@ -68,17 +69,15 @@ def _resolve(ref: ModelRef, text: str) -> Path:
     return _from_hub(ref, text)
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _from_hub(ref: ModelRef, text: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    try:
+    offline = _offline()
+    with _hub_errors(ref, text, offline):
         path = snapshot_download(
             ref.name, revision=ref.revision, allow_patterns=_ALLOW, local_files_only=offline, etag_timeout=10
         )
@@ -88,6 +87,56 @@ def _from_hub(ref: ModelRef, text: str) -> Path:
                 local_files_only=offline, etag_timeout=10,
             )
         return Path(path)
+
+
+@dataclasses.dataclass
+class Preview:
+    """A Hub model before its weights are downloaded: config.json and the tensor shapes from remote headers."""
+
+    path: Path  # the snapshot directory, holding config.json so far
+    tensors: Dict[str, object]  # name -> TensorRef without byte offsets
+    fetch: Callable[[], Path]  # downloads the weights of the same commit
+
+
+def preview_model(text: str) -> Optional[Preview]:
+    """A Preview of an online Hub reference, or None (local directories, offline cache, .bin-only repos: these
+    are opened directly; for .bin-only repos that means downloading before the shape checks)."""
+    from moeforge.sources.checkpoint import DTYPES, TensorRef
+
+    ref = ModelRef.parse(text)
+    if Path(os.path.expanduser(ref.name)).exists() or not _HUB_ID.match(ref.name) or _offline():
+        return None
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+    from huggingface_hub.errors import NotASafetensorsRepoError
+
+    with _hub_errors(ref, text, offline=False):
+        config = Path(hf_hub_download(ref.name, "config.json", revision=ref.revision, etag_timeout=10))
+        commit = config.parent.name  # snapshots/<commit>/config.json: pin the weights to the same commit
+        try:
+            meta = get_safetensors_metadata(ref.name, revision=commit)
+        except NotASafetensorsRepoError:
+            return None
+    tensors = {}
+    for filename, info in meta.files_metadata.items():
+        for name, t in info.tensors.items():
+            if t.dtype not in DTYPES:
+                raise SourceError(f"{text}: tensor {name!r} in {filename} has unsupported dtype {t.dtype}")
+            tensors[name] = TensorRef(config.parent / filename, name, t.dtype, tuple(int(d) for d in t.shape))
+    return Preview(config.parent, tensors, lambda: _from_hub(ModelRef(ref.name, commit), text))
+
+
+@contextlib.contextmanager
+def _hub_errors(ref: ModelRef, text: str, offline: bool):
+    """huggingface_hub's exceptions as one-line SourceErrors."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        yield
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
         raise SourceError(f"{text}: not a local directory, not in the Hugging Face cache, and {why}") from None

@@ -1,0 +1,80 @@
+"""An existing MoE checkpoint read as a source: tensor names mapped back through its layout's templates."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Set
+
+from moeforge.errors import SourceError
+from moeforge.families.base import MLP_ROLES
+from moeforge.sources.checkpoint import Checkpoint
+
+# model_type of each layout's transformers class (DeepSeek declares its own)
+_MODEL_TYPES = {"mixtral": "mixtral", "qwen": "qwen2_moe", "qwen3": "qwen3_moe"}
+
+
+class MoECheckpoint:
+    """A Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-MoE directory: which tensors are routers, routed experts
+    and the shared expert, and which are the rest (attention, norms, embeddings)."""
+
+    def __init__(self, path: Path):
+        from moeforge.layouts import LAYOUTS
+
+        self.ckpt = Checkpoint(Path(path))
+        self.path = self.ckpt.path
+        config = self.ckpt.config
+        arch = (config.get("architectures") or [None])[0]
+        model_type = config.get("model_type")
+        self.layout = next((l for l in LAYOUTS if arch in l.architectures), None) or next(
+            (l for l in LAYOUTS if (l.model_type or _MODEL_TYPES.get(l.name)) == model_type), None)
+        if self.layout is None:
+            known = ", ".join(a for l in LAYOUTS for a in l.architectures)
+            raise SourceError(f"{self.path / 'config.json'}: {arch or model_type!r} is not an MoE layout moeforge "
+                              f"reads ({known})")
+        self.num_layers = self._int("num_hidden_layers")
+        self.hidden_size = self._int("hidden_size")
+        self.num_experts = self._int(self.layout.expert_count_key)
+        self._moe_names: Set[str] = set()
+        for layer in range(self.num_layers):
+            names = [self.layout.router_name(layer)] + [
+                self.layout.expert_name(role, layer, e) for e in range(self.num_experts) for role in MLP_ROLES]
+            for name in names:
+                if name not in self.ckpt.tensors:
+                    raise SourceError(f"{self.path}: has no tensor {name!r} (layer {layer} is not an MoE layer of "
+                                      f"{self.num_experts} experts in the {self.layout.name} layout)")
+            self._moe_names.update(names)
+            self._moe_names.update(n for n in self.shared_names(layer).values() if n in self.ckpt.tensors)
+        self.intermediate_size = self.ckpt.ref(self.layout.expert_name("gate", 0, 0)).shape[0]
+
+    def _int(self, key: str) -> int:
+        value = self.ckpt.config_value(key)
+        if not isinstance(value, int):
+            raise SourceError(f"{self.path / 'config.json'}: needs an integer {key}")
+        return value
+
+    def shared_names(self, layer: int) -> Dict[str, str]:
+        """role (and "router") -> the shared expert's tensor names in this layout, if it has one."""
+        names = {role: t.format(layer=layer) for role, t in (self.layout.shared_expert or {}).items()}
+        if self.layout.shared_router:
+            names["router"] = self.layout.shared_router.format(layer=layer)
+        return names
+
+    def is_moe_tensor(self, name: str) -> bool:
+        return name in self._moe_names
+
+    def expert_tensor(self, role: str, layer: int, expert: int) -> str:
+        return self.layout.expert_name(role, layer, expert)
+
+    def dense_model_type(self) -> str:
+        """The dense family with this MoE's attention (Mixtral with a sliding window is Mistral)."""
+        if self.layout.dense_model_type == "llama" and self.ckpt.config_value("sliding_window") is not None:
+            return "mistral"
+        return self.layout.dense_model_type
+
+    def saved_config_path(self) -> Optional[Path]:
+        from moeforge.builder import RESOLVED_CONFIG
+
+        path = self.path / RESOLVED_CONFIG
+        return path if path.is_file() else None
+
+    def close(self) -> None:
+        self.ckpt.close()
