@@ -126,6 +126,7 @@ def test_deepseek_reproduces_the_base_with_and_without_a_shared_expert(models, o
     assert config["model_type"] == "deepseek" and config["architectures"] == ["DeepseekForCausalLM"]
     assert config["n_routed_experts"] == 4 and config["n_shared_experts"] is None
     assert config["auto_map"]["AutoModelForCausalLM"].endswith("modeling_deepseek.DeepseekForCausalLM")
+    assert config["rope_theta"] == 10000.0 and "rope_parameters" not in config  # DeepSeek's code reads rope_theta
     assert (deepseek_logits(out, models["base"]) - logits(models["base"], TEXTS)).abs().max() <= 1e-4
 
     cfg["shared_experts"] = _shared(models["code"], residual_scale=0.0, prompts=())

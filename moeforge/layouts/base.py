@@ -75,8 +75,8 @@ class Layout:
         keys = {k: v for k, v in base_config.items() if k not in _NOT_CARRIED}
         keys.update(self.moe_config(shape))
         if self.config_class is None:
-            return {"architectures": list(self.architectures), "model_type": self.model_type, **keys,
-                    "torch_dtype": dtype}
+            return {"architectures": list(self.architectures), "model_type": self.model_type,
+                    **legacy_rope_keys(keys), "torch_dtype": dtype}
         import transformers
 
         hidden, heads = keys.get("hidden_size"), keys.get("num_attention_heads")
@@ -86,6 +86,19 @@ class Layout:
         config.architectures = list(self.architectures)
         config.dtype = dtype
         return config.to_dict()
+
+
+def legacy_rope_keys(keys: dict) -> dict:
+    """Remote-code models (DeepSeek v1) read `rope_theta`/`rope_scaling`, not transformers 5's `rope_parameters`."""
+    params = keys.pop("rope_parameters", None)
+    if isinstance(params, dict):
+        keys.setdefault("rope_theta", params.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            keys.setdefault("rope_scaling", {"type": scaling["rope_type"], **scaling})
+        else:
+            keys.setdefault("rope_scaling", None)
+    return keys
 
 
 # Identity and bookkeeping keys of the base, never carried into the MoE's config.
