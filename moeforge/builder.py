@@ -72,18 +72,22 @@ def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str,
     """Build an MoE checkpoint at `out_dir`. Keyword options are the CLI flags (see `BuildOptions`)."""
     from moeforge.writer.output_dir import check_output_path
 
+    from moeforge.writer.resume import BuildSession
+
     config = load_config(config_or_path)
     opts = BuildOptions.from_kwargs(**options)
     check_output_path(Path(out_dir), opts.overwrite)
     inputs = open_inputs(config, opts)
     try:
-        return write_output(inputs, plan_tensors(inputs), Path(out_dir))
+        session = BuildSession.open(Path(out_dir), inputs)  # with --resume, fixes the seed before planning
+        return write_output(inputs, plan_tensors(inputs), Path(out_dir), session)
     finally:
         inputs.close()
 
 
 def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
     """Resolve and check every source (configs and headers only) and choose the layout."""
+    from moeforge.checks.sources import check_base_tensors, check_expert_vocab
     from moeforge.families import family_of
     from moeforge.layouts import select_layout
 
@@ -108,6 +112,8 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
     layout = select_layout(config.architecture, family.name, features, len(config.shared_experts or []))
     _check_not_all_same(config, opts)
     num_layers, hidden = _check_shapes(base, experts, family)
+    check_base_tensors(base, family)
+    check_expert_vocab(base, experts)
     seed = opts.random_seed if opts.random_seed is not None else secrets.randbelow(2**31)
     return Inputs(config, opts, base, experts, family, layout, num_layers, hidden, _output_dtype(config, base), seed,
                   checkpoints)
@@ -140,19 +146,29 @@ def plan_tensors(inputs: Inputs) -> "MoEPlan":
                     inputs.seed, n_layers, config.experts_per_token)
 
 
-def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
-    """Shards, then the side files, into a temporary directory that becomes `out_dir` when complete."""
+def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -> BuildResult:
+    """Shards, the side files, then the manifest, into a partial directory that becomes `out_dir` when complete."""
     from tqdm.auto import tqdm
 
-    from moeforge.writer import atomic_output_dir, write_sharded
+    from moeforge.checks.disk import check_free_space, output_bytes
+    from moeforge.checks.finite import scan_raw_copies
+    from moeforge.writer import write_sharded
+    from moeforge.writer.resume import BuildSession
 
     opts = inputs.options
+    session = session or BuildSession.open(out_dir, inputs)
     shard_bytes = parse_shard_size(opts.out_shard_size, DTYPES[inputs.out_dtype][1])
-    with atomic_output_dir(out_dir, opts.overwrite) as tmp:
+    side_names = ["generation_config.json"] + (list(TOKENIZER_FILES) if opts.copy_tokenizer else [])
+    if opts.check_finite:
+        scan_raw_copies(plan.tensors)
+    session.discard_stale()
+    check_free_space(out_dir, output_bytes(plan, inputs.base.path, side_names) - session.reusable_bytes())
+    with session.partial_dir() as tmp:
         with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
-            written = write_sharded(tmp, plan.tensors, shard_bytes, bar)
+            written = write_sharded(tmp, plan.tensors, shard_bytes, bar, journal=session)
         for write_side_file in SIDE_FILES:
             write_side_file(tmp, inputs, plan)
+        session.write_manifest(tmp)
     result = BuildResult(
         out_dir, inputs.layout.name, len(inputs.experts), inputs.config.experts_per_token, written.files,
         plan.total_params, plan.active_params, inputs.seed,
