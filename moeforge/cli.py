@@ -1,6 +1,7 @@
 """Command line. Imports only click at start-up; each command imports what it needs."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -55,10 +56,10 @@ def cli():
 def build_cmd(config_path, out_path, verbose, quiet, **options):
     """Build an MoE checkpoint in OUT from the YAML recipe CONFIG."""
     _setup_logging(verbose, quiet)
-    _stop_on_sigterm()
     from moeforge.builder import build
 
-    result = _run(build, config_path, out_path, verbose=verbose, quiet=quiet, **options)
+    with _sigterm_interrupts():
+        result = _run(build, config_path, out_path, verbose=verbose, quiet=quiet, **options)
     if not quiet:
         click.echo(f"moeforge: {result.summary()}", err=True)
 
@@ -82,7 +83,8 @@ def verify_cmd(out_path, quick, verbose):
     sys.exit(0 if report.ok else 1)
 
 
-def _stop_on_sigterm() -> None:
+@contextlib.contextmanager
+def _sigterm_interrupts():
     """SIGTERM (kill, systemd, a batch scheduler) is handled like Ctrl-C: the partial build is kept."""
     import signal
 
@@ -92,16 +94,19 @@ def _stop_on_sigterm() -> None:
         raise Interrupted(signum)
 
     try:
-        signal.signal(signal.SIGTERM, stop)
+        previous = signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread (embedded use): keep the default
-        pass
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(fn, *args, traceback=None, **kwargs):
     """Users see one line and an exit code; tracebacks only with -v (`traceback`, else fn's `verbose`)."""
-    from moeforge.errors import MoeforgeError
-
-    from moeforge.errors import Interrupted
+    from moeforge.errors import Interrupted, MoeforgeError
 
     verbose = kwargs.get("verbose", False) if traceback is None else traceback
     try:
