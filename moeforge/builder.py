@@ -112,7 +112,7 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
     layout = select_layout(config.architecture, family.name, features, len(config.shared_experts or []))
     _check_not_all_same(config, opts)
     num_layers, hidden = _check_shapes(base, experts, family)
-    check_base_tensors(base, family)
+    check_base_tensors(base, family, num_layers, hidden)
     check_expert_vocab(base, experts)
     seed = opts.random_seed if opts.random_seed is not None else secrets.randbelow(2**31)
     return Inputs(config, opts, base, experts, family, layout, num_layers, hidden, _output_dtype(config, base), seed,

@@ -53,9 +53,9 @@ def verify(out, hashes: bool = True, values: bool = True) -> Report:
     report = Report(out, hashed=hashes, scanned=values)
     manifest = _check_manifest_listing(out, report)
     listed = (manifest or {}).get("files", {})
-    shards, refs = _read_weights(out, report)
+    shards, refs, unknown = _read_weights(out, report)
     report.tensors = len(refs)
-    _check_expected(out, refs, manifest, report)
+    _check_expected(out, refs, unknown, manifest, report)
     for shard in shards:
         digest, bad = _scan_shard(out / shard, [r for r in refs.values() if r.file.name == shard], report,
                                   hashes and shard in listed, values)
@@ -90,8 +90,9 @@ def _check_manifest_listing(out: Path, report: Report) -> Optional[dict]:
     return manifest
 
 
-def _read_weights(out: Path, report: Report) -> Tuple[List[str], Dict[str, TensorRef]]:
-    """Shard headers, checked against the index json; name -> ref for every tensor found."""
+def _read_weights(out: Path, report: Report) -> Tuple[List[str], Dict[str, TensorRef], set]:
+    """Shard headers, checked against the index json: readable shards, name -> ref for every tensor found,
+    and the names the index puts in unreadable shards (not reported again as missing)."""
     weight_map: Optional[Dict[str, str]] = None
     total_size = None
     if (out / INDEX).is_file():
@@ -112,12 +113,14 @@ def _read_weights(out: Path, report: Report) -> Tuple[List[str], Dict[str, Tenso
     stray = sorted(p.name for p in out.glob("*.safetensors") if p.name not in shards)
     report.problems += [f"{s}: a safetensors file the index does not list" for s in stray]
     refs: Dict[str, TensorRef] = {}
+    unreadable = set()
     for shard in list(shards):
         try:
             header = read_safetensors_header(out / shard)
         except MoeforgeError as e:
             report.problems.append(str(e).replace(f"{out / shard}", shard, 1))
             shards.remove(shard)
+            unreadable.add(shard)
             continue
         for name, ref in header.items():
             if name in refs:
@@ -130,12 +133,14 @@ def _read_weights(out: Path, report: Report) -> Tuple[List[str], Dict[str, Tenso
             if name not in refs and shard in shards:
                 report.problems.append(f"{INDEX}: maps {name!r} to {shard}, which does not hold it")
         actual = sum(r.nbytes for r in refs.values())
-        if total_size is not None and total_size != actual:
+        if total_size is not None and total_size != actual and not unreadable:
             report.problems.append(f"{INDEX}: total_size is {total_size}, the tensors hold {actual} bytes")
-    return shards, refs
+    unknown = {n for n, s in (weight_map or {}).items() if s in unreadable} | ({"*"} if unreadable and weight_map is None else set())
+    return shards, refs, unknown
 
 
-def _check_expected(out: Path, refs: Dict[str, TensorRef], manifest: Optional[dict], report: Report) -> None:
+def _check_expected(out: Path, refs: Dict[str, TensorRef], unknown: set, manifest: Optional[dict],
+                    report: Report) -> None:
     from moeforge.checks.expected import family_named, layout_of, output_shapes
 
     try:
@@ -159,7 +164,7 @@ def _check_expected(out: Path, refs: Dict[str, TensorRef], manifest: Optional[di
         report.problems.append(f"config.json: transformers cannot build a {family.name} model from it")
         return
     want_dtype = CODE_OF.get(str(config.get("dtype") or config.get("torch_dtype") or ""))
-    missing = sorted(set(expected) - set(refs))
+    missing = [] if "*" in unknown else sorted(set(expected) - set(refs) - unknown)
     report.problems += [f"tensor {n!r}: missing (config.json implies shape {expected[n]})" for n in missing[:20]]
     if len(missing) > 20:
         report.problems.append(f"... and {len(missing) - 20} more missing tensors")

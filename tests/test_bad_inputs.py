@@ -289,7 +289,25 @@ def base_lacks_a_tensor(c):
     return c.build(c.cfg(base="base"))
 
 
-@case(2, "model.embed_tokens.weight", "has shape (200, 32)", "config.json implies (")
+@case(2, "base", "missing tensor 'model.layers.1.self_attn.k_proj.weight'", "layer 0 has it")
+def base_layer_lacks_a_tensor(c):
+    edit_tensors(c.clone("base"), lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    return c.build(c.cfg(base="base"))
+
+
+@case(2, "base", "model.layers.2.input_layernorm.weight", "num_hidden_layers 2")
+def base_has_more_layers_than_its_config(c):
+    edit_tensors(c.clone("base"), lambda t: t.update({"model.layers.2.input_layernorm.weight": t["model.norm.weight"].clone()}))
+    return c.build(c.cfg(base="base"))
+
+
+@case(2, "lm_head.weight", "has shape (260, 16)", "config.json implies (260, 32)")
+def base_lm_head_does_not_fit_hidden_size(c):
+    edit_tensors(c.clone("base"), lambda t: t.update({"lm_head.weight": t["lm_head.weight"][:, :16].clone()}))
+    return c.build(c.cfg(base="base"))
+
+
+@case(2, "model.embed_tokens.weight", "has shape (200, 32)", "config.json implies (260, 32)")
 def base_embedding_rows_do_not_match_vocab(c):
     edit_tensors(c.clone("base"), lambda t: t.update({"model.embed_tokens.weight": t["model.embed_tokens.weight"][:200].clone()}))
     return c.build(c.cfg(base="base"))
@@ -441,3 +459,15 @@ def test_verbose_shows_the_traceback(models, tmp_path):
     c = Ctx(models, tmp_path)
     r = _invoke(c.build(c.cfg(experts=("code", "nowhere")), "-v"))
     assert r.exit_code != 0 and r.exception is not None and not isinstance(r.exception, SystemExit)
+
+
+def test_expert_with_added_tokens_builds_with_a_warning(models, tmp_path):
+    """Tokens an expert added (chat markers) do not exist in the MoE: worth a warning, not a refusal."""
+    c = Ctx(models, tmp_path)
+    p = c.clone("story") / "tokenizer.json"
+    tok = json.loads(p.read_text())
+    tok["added_tokens"].append({"id": 4000, "content": "<|im_start|>", "special": True})
+    p.write_text(json.dumps(tok))
+    r = _invoke(c.build(c.cfg(), "--random-seed", "1"))
+    assert r.exit_code == 0, r.stderr
+    assert "1 token(s) the base's tokenizer lacks (e.g. '<|im_start|>')" in r.stderr

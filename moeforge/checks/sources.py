@@ -11,26 +11,44 @@ from moeforge.errors import SourceError
 log = logging.getLogger("moeforge")
 
 
-def check_base_tensors(base, family) -> None:
-    """Missing tensors and shapes that contradict config.json (e.g. embedding rows vs vocab_size)."""
-    if "text_config" in base.config:
-        return  # a multimodal wrapper: the dense model is nested; the MLP checks still apply
-    from moeforge.checks.expected import dense_shapes
+def check_base_tensors(base, family, num_layers: int, hidden: int) -> None:
+    """What passes through from the base must be whole: embeddings and lm_head that fit vocab_size and the
+    hidden size, the final norm, the same tensors in every layer, and no layers beyond num_hidden_layers.
 
-    expected = dense_shapes(base.config, base.config["model_type"])
-    if expected is None:
-        return
+    Structural, from headers only: deriving the full expectation from transformers (as `moeforge verify`
+    does) would import its modeling code, seconds that a copy-bound build should not pay.
+    """
+    from moeforge.families.base import layer_of
+
     config_file = base.path / "config.json"
-    for name, shape in expected.items():
-        if family.is_mlp(name):
-            continue  # checked layer by layer with the experts
+    vocab = base.config_value("vocab_size")
+    rows = vocab if isinstance(vocab, int) else None
+    required = {"model.embed_tokens.weight": (rows, hidden), "model.norm.weight": (hidden,)}
+    if base.config_value("tie_word_embeddings") is False or "lm_head.weight" in base.tensors:
+        required["lm_head.weight"] = (rows, hidden)
+    for name, want in required.items():
         ref = base.tensors.get(name)
         if ref is None:
             raise SourceError(f"{base.label}: missing tensor {name!r} (its config.json implies it)")
-        if tuple(ref.shape) != shape:
-            raise SourceError(
-                f"{ref.file}: tensor {name!r} has shape {tuple(ref.shape)}, but {config_file} implies {shape}"
-            )
+        if len(ref.shape) != len(want) or any(w is not None and g != w for g, w in zip(ref.shape, want)):
+            shown = tuple("vocab_size" if w is None else w for w in want)
+            raise SourceError(f"{ref.file}: tensor {name!r} has shape {tuple(ref.shape)}, but {config_file} implies {shown}")
+    per_layer = {}
+    for name, ref in base.tensors.items():
+        layer = layer_of(name)
+        if layer is None or family.is_mlp(name) or family.is_skipped(name):
+            continue
+        if layer >= num_layers:
+            raise SourceError(f"{base.label}: has tensor {name!r}, but {config_file} says num_hidden_layers {num_layers}")
+        per_layer.setdefault(name.replace(f".layers.{layer}.", ".layers.{}.", 1), {})[layer] = tuple(ref.shape)
+    for template, shapes in sorted(per_layer.items()):
+        for layer in range(num_layers):
+            if layer not in shapes:
+                other = next(iter(shapes))
+                raise SourceError(f"{base.label}: missing tensor {template.format(layer)!r} (layer {other} has it)")
+        if len(set(shapes.values())) > 1:
+            raise SourceError(f"{base.label}: {template.format('N')!r} has different shapes in different layers: "
+                              f"{sorted(set(shapes.values()))}")
 
 
 def check_expert_vocab(base, experts) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional
 
 from moeforge._version import __version__
 from moeforge.errors import ConfigError, Interrupted, MoeforgeError
-from moeforge.writer.hashing import SHARD, SOURCE, BackgroundHasher, file_identity, sha256_file
+from moeforge.writer.hashing import FileHasher, ShardFollower, file_identity, known_sha256, sha256_file
 from moeforge.writer.manifest import MANIFEST, source_files, write_manifest
 from moeforge.writer.output_dir import commit_output, fsync_dir
 
@@ -76,7 +76,9 @@ class BuildSession:
         self.resumed = False
         self._lock = threading.Lock()
         self._dir_fd: Optional[int] = None
-        self._hasher: Optional[BackgroundHasher] = None
+        self._files: Optional[FileHasher] = None
+        self._shards: Optional[ShardFollower] = None
+        self._output_hashes: Dict[str, str] = {}
         self._shards_done = 0
 
     # ---- before anything is written ---------------------------------------------------------------
@@ -139,59 +141,67 @@ class BuildSession:
         if not self.resumed:
             self.state = {"key": self.key, "identity": self.identity, "shards": {}, "sources": {}}
         self.state["seed"] = self.inputs.seed
-        self._hasher = BackgroundHasher()
+        self._files, self._shards = FileHasher(), ShardFollower()
         try:
             self._save_state()
             self._hash_sources()
             yield self.path
-            self._hasher.wait()
             os.unlink(self.path / STATE)
-            self._hasher.close()
+            self._close_hashers()
             commit_output(self.path, self.out, self.inputs.options.overwrite)
         except KeyboardInterrupt as e:
-            self._hasher.close(cancel=True)
+            self._close_hashers(cancel=True)
             self._save_state()
             self._release()
             raise Interrupted(getattr(e, "signum", 2), partial=self.path) from None
         except BaseException:
-            self._hasher.close(cancel=True)
+            self._close_hashers(cancel=True)
             self._release()
             shutil.rmtree(self.path, ignore_errors=True)
             raise
         self._release()
+
+    def _close_hashers(self, cancel: bool = False) -> None:
+        for worker in (self._files, self._shards):
+            if worker is not None:
+                worker.close(cancel)
 
     def _release(self) -> None:
         if self._dir_fd is not None:
             os.close(self._dir_fd)  # also drops the flock
             self._dir_fd = None
 
-    # The journal the shard writer calls.
-    def reuse(self, path: Path) -> bool:
-        """True when `path` is a shard recorded by the interrupted build and its bytes still match."""
+    # The journal the shard writer calls: begin(path) before each shard, completed(path) after writing one.
+    def begin(self, path: Path) -> bool:
+        """True: `path` is a shard the interrupted build completed, its sha256 still matches, skip it.
+        False: the writer writes it now; it is hashed as it is written."""
         rec = self.state.get("shards", {}).get(path.name)
-        if rec is None:
-            return False
-        if path.is_file() and path.stat().st_size == rec["size"] and sha256_file(path) == rec["sha256"]:
-            self._hasher.results[path] = rec["sha256"]
-            self._shards_done += 1
-            return True
-        log.warning("%s: does not match its recorded sha256; writing it again", path.name)
-        with self._lock:
-            del self.state["shards"][path.name]
+        if rec is not None:
+            if path.is_file() and path.stat().st_size == rec["size"] and sha256_file(path) == rec["sha256"]:
+                self._output_hashes[path.name] = rec["sha256"]
+                self._shards_done += 1
+                return True
+            log.warning("%s: does not match its recorded sha256; writing it again", path.name)
+            with self._lock:
+                del self.state["shards"][path.name]
+        if path.exists():
+            path.unlink()  # the follower must only ever see the new bytes
+        self._shards.begin(path, self._record_shard)
         return False
 
     def completed(self, path: Path) -> None:
-        """A shard is written and fsynced: hash it in the background, then record it."""
-        self._hasher.submit(path, SHARD, self._record_shard)
+        """A shard is written and fsynced; it is recorded (resumable) once its hash is done."""
+        self._shards.end(path)
         self._shards_done += 1
         hold = os.environ.get(HOLD_ENV)
         if hold and self._shards_done >= int(hold):
-            self._hasher.wait()
+            self._shards.wait()
             while True:  # a test kills us here
                 time.sleep(0.05)
 
     def _record_shard(self, path: Path, digest: str) -> None:
         with self._lock:
+            self._output_hashes[path.name] = digest
             self.state["shards"][path.name] = {"size": path.stat().st_size, "sha256": digest}
         self._save_state()
 
@@ -203,8 +213,13 @@ class BuildSession:
         for files in source_files(self.inputs).values():
             for path in files.values():
                 rec = known.get(str(path))
-                if rec is None or {k: rec.get(k) for k in ("size", "mtime_ns")} != file_identity(path):
-                    self._hasher.submit(path, SOURCE, self._record_source)
+                if rec is not None and {k: rec.get(k) for k in ("size", "mtime_ns")} == file_identity(path):
+                    continue
+                digest = known_sha256(path)
+                if digest is not None:
+                    self._record_source(path, digest)
+                else:
+                    self._files.submit(path, self._record_source)
 
     def _record_source(self, path: Path, digest: str) -> None:
         with self._lock:
@@ -212,12 +227,13 @@ class BuildSession:
 
     def write_manifest(self, tmp: Path) -> None:
         """Last step before the rename: sha256 of every file now in `tmp`, and of the sources."""
-        hashes = self._hasher.wait()
+        self._shards.wait()
+        self._files.wait()
         outputs = {}
         for p in sorted(tmp.iterdir()):
             if p.name in (STATE, MANIFEST) or not p.is_file():
                 continue
-            outputs[p.name] = hashes.get(p) or sha256_file(p)
+            outputs[p.name] = self._output_hashes.get(p.name) or sha256_file(p)
         sources: Dict[str, Dict[str, dict]] = {}
         for ref, files in source_files(self.inputs).items():
             recs = sources[ref] = {}

@@ -60,14 +60,15 @@ def encode_header(tensors: Sequence[PlannedTensor], metadata: Optional[dict] = N
 
 def write_sharded(out_dir: Path, tensors: Sequence[PlannedTensor], max_shard_bytes: int, progress=None,
                   journal=None) -> ShardedWriteResult:
-    """`journal` (writer.resume.BuildSession): `reuse(path)` skips a verified shard, `completed(path)` records one."""
+    """`journal` (writer.resume.BuildSession): `begin(path)` is True for a verified shard to skip;
+    `completed(path)` follows each shard written."""
     shards = split_shards(tensors, max_shard_bytes)
     names = shard_names(len(shards))
     weight_map: Dict[str, str] = {}
     with _Copier() as copier:
         for name, shard in zip(names, shards):
             path = out_dir / name
-            if journal is not None and journal.reuse(path):
+            if journal is not None and journal.begin(path):
                 if progress is not None:
                     progress.update(sum(t.nbytes for t in shard))
             else:
