@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import CODE, STORY, expert_config
+from conftest import CODE, expert_config
 
 from moeforge.cli import cli
 

@@ -102,17 +102,24 @@ def test_interrupted_build_resumes_to_identical_bytes(reference, tmp_path, sig):
     assert partial_dirs(out) == []
 
 
-def test_rerun_without_resume_discards_the_partial_build(reference, tmp_path):
-    cfg_path, expected = reference
-    out = tmp_path / "out"
-    proc = _start_and_hold(cfg_path, out, shards=1)
-    proc.kill()
-    proc.wait(timeout=60)
+def test_a_running_build_is_never_disturbed_and_a_plain_rerun_starts_over(reference, tmp_path):
     from click.testing import CliRunner
 
     from moeforge.cli import cli
 
-    r = CliRunner().invoke(cli, _cmd(cfg_path, out, quiet=False)[3:])  # in-process: the same command line
+    cfg_path, expected = reference
+    out = tmp_path / "out"
+    proc = _start_and_hold(cfg_path, out, shards=1)
+    [partial] = partial_dirs(out)
+    before = sorted(p.name for p in partial.iterdir())
+    for extra in ([], ["--resume"]):  # a second build of OUT while the first one runs
+        r = CliRunner().invoke(cli, _cmd(cfg_path, out)[3:] + extra)  # in-process: the same command line
+        assert r.exit_code == 1 and f"another moeforge build is writing {partial}" in r.stderr, r.stderr
+    assert sorted(p.name for p in partial.iterdir()) == before
+    proc.kill()
+    proc.wait(timeout=60)
+
+    r = CliRunner().invoke(cli, _cmd(cfg_path, out, quiet=False)[3:])
     assert r.exit_code == 0, r.stderr
     assert "discarding the partial build" in r.stderr and "--resume" in r.stderr
     assert _files(out) == expected and partial_dirs(out) == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -26,6 +25,11 @@ from moeforge.errors import ConfigError, Interrupted, MoeforgeError
 from moeforge.writer.hashing import FileHasher, ShardFollower, file_identity, known_sha256, sha256_file
 from moeforge.writer.manifest import MANIFEST, source_files, write_manifest
 from moeforge.writer.output_dir import commit_output, fsync_dir
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds still work, without the guard against two builds sharing a partial
+    fcntl = None
 
 if TYPE_CHECKING:
     from moeforge.builder import Inputs
@@ -127,17 +131,18 @@ class BuildSession:
     @contextlib.contextmanager
     def partial_dir(self) -> Iterator[Path]:
         """Yield the partial directory; rename it to OUT on success, keep it on interruption, else remove it."""
-        created = False
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            created = True
-            self._dir_fd = os.open(self.path, os.O_RDONLY)
-            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                self._dir_fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
-            self._release()
-            if created and not self.resumed:
-                shutil.rmtree(self.path, ignore_errors=True)
             raise ConfigError(f"{self.out}: cannot create the partial build {self.path} ({e.strerror or e})") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._release()
+                raise MoeforgeError(f"{self.out}: another moeforge build is writing {self.path}") from None
         if not self.resumed:
             self.state = {"key": self.key, "identity": self.identity, "shards": {}, "sources": {}}
         self.state["seed"] = self.inputs.seed
@@ -262,8 +267,10 @@ class BuildSession:
 @contextlib.contextmanager
 def _locked(path: Path, busy_message: str):
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY) if fcntl is not None else None
     except OSError:
+        fd = None
+    if fd is None:
         yield
         return
     try:
