@@ -71,7 +71,6 @@ class Inputs:
 def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str, Path], **options) -> BuildResult:
     """Build an MoE checkpoint at `out_dir`. Keyword options are the CLI flags (see `BuildOptions`)."""
     from moeforge.writer.output_dir import check_output_path
-
     from moeforge.writer.resume import BuildSession
 
     config = load_config(config_or_path)
