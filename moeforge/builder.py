@@ -120,6 +120,7 @@ class Inputs:
 def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str, Path], **options) -> BuildResult:
     """Build an MoE checkpoint at `out_dir`. Keyword options are the CLI flags (see `BuildOptions`)."""
     from moeforge.writer.output_dir import check_output_path
+    from moeforge.writer.resume import BuildSession
 
     config = load_config(config_or_path)
     opts = BuildOptions.from_kwargs(**options)
@@ -134,7 +135,8 @@ def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str,
         token = require_token()
     inputs = open_inputs(config, opts)
     try:
-        result = write_output(inputs, plan_tensors(inputs), Path(out_dir))
+        session = BuildSession.open(Path(out_dir), inputs)  # with --resume, fixes the seed before planning
+        result = write_output(inputs, plan_tensors(inputs), Path(out_dir), session)
     finally:
         inputs.close()
     if opts.push_to_hub:
@@ -149,6 +151,7 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
     every refusal comes before any weight is downloaded, and each source is opened only once the ones before
     it passed. Hub weights are downloaded at the end (`materialize`)."""
     from moeforge.families import family_of, open_dense
+    from moeforge.checks.sources import check_base_tensors, check_expert_vocab
     from moeforge.layouts import select_layout
 
     if config.upcycle is None:
@@ -176,6 +179,8 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
                                num_layers, hidden, opts)
         experts = [(e, checked(e, _open_expert(e, open_once), False)) for e in config.experts]
         shared = [(e, checked(e, _open_expert(e, open_once), True)) for e in config.shared_experts or []]
+        check_base_tensors(base, family, num_layers, hidden)
+        check_expert_vocab(base, experts + shared)
         for ckpt in checkpoints.values():
             ckpt.materialize()
     except BaseException:
@@ -235,16 +240,29 @@ def plan_tensors(inputs: Inputs) -> "MoEPlan":
     return plan_moe(inputs, routed, shared)
 
 
-def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path) -> BuildResult:
-    """Shards, then the side files, into a temporary directory that becomes `out_dir` when complete."""
-    opts = inputs.options
-    shard_bytes = parse_shard_size(opts.out_shard_size, DTYPES[inputs.out_dtype][1])
+def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -> BuildResult:
+    """Shards, the side files, then the manifest, into a partial directory that becomes `out_dir` when complete."""
+    from tqdm.auto import tqdm
 
-    def side_files(tmp: Path) -> None:
+    from moeforge.checks.disk import check_free_space, output_bytes
+    from moeforge.checks.finite import scan_raw_copies
+    from moeforge.writer import write_sharded
+    from moeforge.writer.resume import BuildSession
+
+    opts = inputs.options
+    session = session or BuildSession.open(out_dir, inputs)
+    shard_bytes = parse_shard_size(opts.out_shard_size, DTYPES[inputs.out_dtype][1])
+    side_names = ["generation_config.json"] + (list(TOKENIZER_FILES) if opts.copy_tokenizer else [])
+    if opts.check_finite:
+        scan_raw_copies(plan.tensors)
+    session.discard_stale()
+    check_free_space(out_dir, output_bytes(plan, inputs.base.path, side_names) - session.reusable_bytes())
+    with session.partial_dir() as tmp:
+        with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
+            written = write_sharded(tmp, plan.tensors, shard_bytes, bar, journal=session)
         for write_side_file in SIDE_FILES:
             write_side_file(tmp, inputs, plan)
-
-    written = write_checkpoint(out_dir, plan.tensors, shard_bytes, opts, side_files)
+        session.write_manifest(tmp)
     result = BuildResult(
         out_dir, inputs.layout.name, inputs.layout_inferred, len(inputs.experts), inputs.experts_per_token,
         written.files, inputs.base_params, plan.total_params, plan.active_params, inputs.seed,

@@ -1,6 +1,7 @@
 """Command line. Imports only click at start-up; each command imports what it needs."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -46,6 +47,9 @@ def output_options(fn):
         click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Dtype of the base model's forward pass for hidden gates."),
         click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from the base model's repository."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the new build is complete)."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted build of the same inputs, reusing its verified shards."),
+        click.option("--hash-sources/--no-hash-sources", default=True, show_default=True, help="Record sha256 of every source file in the manifest (off: size and mtime)."),
+        click.option("--check-finite", is_flag=True, help="Also scan tensors copied byte for byte for NaN/Inf (one extra read)."),
         click.option("--push-to-hub", metavar="ORG/NAME", default=None, help="After the build, upload OUT to this Hub repo (see `moeforge upload`)."),
         click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
         click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors."),
@@ -94,7 +98,8 @@ def _build(config, out_path, verbose, quiet, **options):
         logging.getLogger("moeforge").setLevel(min(logging.INFO, logging.getLogger("moeforge").level))
     from moeforge.builder import build
 
-    result = _run(build, config, out_path, verbose=verbose, quiet=quiet, **options)
+    with _sigterm_interrupts():
+        result = _run(build, config, out_path, verbose=verbose, quiet=quiet, **options)
     if not quiet:
         click.echo(f"moeforge: {result.summary()}", err=True)
     if result.hub_url:
@@ -260,11 +265,51 @@ def extract_cmd(moe_dir, out_dir, expert, verbose, quiet, **options):
         click.echo(f"moeforge: {result.summary}", err=True)
 
 
-def _run(fn, *args, **kwargs):
-    """Users see one line and an exit code; tracebacks only with -v."""
-    from moeforge.errors import MoeforgeError
+@cli.command("verify")
+@click.argument("out_path", metavar="OUT", type=click.Path(file_okay=True))
+@click.option("--quick", is_flag=True, help="Headers only: skip sha256 and the NaN/Inf scan (no tensor data is read).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")
+def verify_cmd(out_path, quick, verbose):
+    """Check OUT against its manifest, its index and its config.json, and scan it for NaN/Inf.
 
-    verbose = kwargs.get("verbose", False)
+    Exit status 0 only when everything holds; 1 when a problem is found (one line each).
+    """
+    _setup_logging(verbose, quiet=False)
+    from moeforge.verify import verify
+
+    report = _run(verify, out_path, hashes=not quick, values=not quick, traceback=verbose)
+    for problem in report.problems:
+        click.echo(f"problem: {problem}")
+    click.echo(report.summary())
+    sys.exit(0 if report.ok else 1)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (kill, systemd, a batch scheduler) is handled like Ctrl-C: the partial build is kept."""
+    import signal
+
+    from moeforge.errors import Interrupted
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (embedded use): keep the default
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(fn, *args, traceback=None, **kwargs):
+    """Users see one line and an exit code; tracebacks only with -v (`traceback`, else fn's `verbose`)."""
+    from moeforge.errors import Interrupted, MoeforgeError
+
+    verbose = kwargs.get("verbose", False) if traceback is None else traceback
     try:
         return fn(*args, **kwargs)
     except MoeforgeError as e:
@@ -272,9 +317,10 @@ def _run(fn, *args, **kwargs):
             raise
         click.echo(f"moeforge: error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("moeforge: interrupted; nothing was written to the output path", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        stop = e if isinstance(e, Interrupted) else Interrupted()
+        click.echo(f"moeforge: {stop}", err=True)
+        sys.exit(stop.exit_code)
     except MemoryError:
         click.echo("moeforge: error: out of memory", err=True)
         sys.exit(1)

@@ -22,6 +22,9 @@ class BuildOptions:
     hidden_dtype: str = "bfloat16"  # dtype of the base model's forward pass for hidden gates (mergekit: bf16)
     prompt_batch_size: int = 16
     overwrite: bool = False
+    resume: bool = False  # reuse the completed shards of an interrupted build of the same inputs
+    hash_sources: bool = True  # sha256 of every source file in the manifest (off: size and mtime only)
+    check_finite: bool = False  # also scan byte-copied tensors for NaN/Inf (converted ones are always checked)
     quiet: bool = False
     verbose: bool = False
     push_to_hub: Optional[str] = None  # org/name: upload OUT after a successful build

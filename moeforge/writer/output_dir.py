@@ -16,6 +16,18 @@ def check_output_path(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"{out}: output path exists and is a file")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out}: output directory exists and is not empty (pass --overwrite to replace it)")
+    _check_parent_writable(out)
+
+
+def _check_parent_writable(out: Path) -> None:
+    """The temporary directory is made beside OUT, so OUT's nearest existing ancestor must take new entries."""
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{out}: cannot create the output: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{out}: cannot create the output: {parent} is not writable")
 
 
 @contextlib.contextmanager
@@ -34,24 +46,30 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise ConfigError(f"{out}: cannot create output here ({e.strerror or e})") from None
     try:
         yield tmp
-        _fsync_tree(tmp)
-        check_output_path(out, overwrite)  # it may have appeared while we worked
-        old = None
-        if out.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.moeforge-old-", dir=parent))
-            os.rename(out, old / "previous")
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if old is not None:
-                os.rename(old / "previous", out)
-            raise
-        _fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_output(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_output(tmp: Path, out: Path, overwrite: bool) -> None:
+    """fsync everything in `tmp`, then rename it to `out` (an old `out` goes only at that moment)."""
+    parent = out.absolute().parent
+    _fsync_tree(tmp)
+    check_output_path(out, overwrite)  # it may have appeared while we worked
+    old = None
+    if out.is_dir():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.moeforge-old-", dir=parent))
+        os.rename(out, old / "previous")
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old / "previous", out)
+        raise
+    fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -62,10 +80,10 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

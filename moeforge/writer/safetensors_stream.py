@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from moeforge.checks.finite import check_converted_chunk
 from moeforge.errors import MoeforgeError
 from moeforge.plan.tensors import FromValue, PlannedTensor
 from moeforge.sources.checkpoint import DTYPES
@@ -57,14 +58,23 @@ def encode_header(tensors: Sequence[PlannedTensor], metadata: Optional[dict] = N
     return len(raw).to_bytes(8, "little") + raw
 
 
-def write_sharded(out_dir: Path, tensors: Sequence[PlannedTensor], max_shard_bytes: int, progress=None) -> ShardedWriteResult:
+def write_sharded(out_dir: Path, tensors: Sequence[PlannedTensor], max_shard_bytes: int, progress=None,
+                  journal=None) -> ShardedWriteResult:
+    """`journal` (writer.resume.BuildSession): `begin(path)` is True for a verified shard to skip;
+    `completed(path)` follows each shard written."""
     shards = split_shards(tensors, max_shard_bytes)
     names = shard_names(len(shards))
     weight_map: Dict[str, str] = {}
     with _Copier() as copier:
         for name, shard in zip(names, shards):
             path = out_dir / name
-            copier.write_shard(path, shard, progress)
+            if journal is not None and journal.begin(path):
+                if progress is not None:
+                    progress.update(sum(t.nbytes for t in shard))
+            else:
+                copier.write_shard(path, shard, progress)
+                if journal is not None:
+                    journal.completed(path)
             weight_map.update({t.name: name for t in shard})
     result = ShardedWriteResult(names, weight_map, sum(t.nbytes for t in tensors))
     if len(names) > 1:
@@ -126,6 +136,7 @@ class _Copier:
                     self._copy_range(self._src_fd(path_in), fd, raw[0], raw[1] - raw[0], path_in)
                 else:
                     for chunk in _converted_chunks(t):
+                        check_converted_chunk(chunk, t)  # NaN/Inf stop the build (checks/finite.py)
                         _write_all(fd, chunk)
                 if progress is not None:
                     progress.update(t.nbytes)

@@ -1,0 +1,35 @@
+"""Enough free disk for the whole output, checked with statvfs before the first byte is written."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moeforge.errors import MoeforgeError
+
+HEADER_BYTES_PER_TENSOR = 512  # a generous bound on one tensor's JSON header entry
+SLACK = 1 << 20  # config.json, the resolved recipe, the manifest, filesystem rounding
+
+
+def output_bytes(plan, base_dir: Path, side_file_names) -> int:
+    side = sum((base_dir / n).stat().st_size for n in side_file_names if (base_dir / n).is_file())
+    return plan.nbytes + HEADER_BYTES_PER_TENSOR * len(plan.tensors) + side + SLACK
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """OUT is built beside itself, on the same filesystem; an old OUT is freed only after the new one is in place."""
+    where = Path(out).absolute().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    st = os.statvfs(where)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise MoeforgeError(
+            f"{out}: not enough free disk space on {where}: the build needs {_human(needed)}, {_human(free)} is free"
+        )
+
+
+def _human(n: int) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
