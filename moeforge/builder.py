@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Tuple, Union
 
 from moeforge._version import __version__
-from moeforge.config import RANDOM_GATE_MODES, Expert, MoEConfig, load_config
+from moeforge.config import Expert, MoEConfig, load_config
 from moeforge.errors import ConfigError, SourceError
 from moeforge.options import BuildOptions, parse_shard_size
 from moeforge.sources.checkpoint import CODE_OF, DTYPES, Checkpoint, open_checkpoint
@@ -73,7 +73,10 @@ def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str,
     from moeforge.writer.output_dir import check_output_path
 
     config = load_config(config_or_path)
+    from moeforge.gates.loading import check_load_options
+
     opts = BuildOptions.from_kwargs(**options)
+    check_load_options(opts)
     check_output_path(Path(out_dir), opts.overwrite)
     inputs = open_inputs(config, opts)
     try:
@@ -116,23 +119,15 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
 def plan_tensors(inputs: Inputs) -> "MoEPlan":
     """Compute the routers, then plan every output tensor."""
     from moeforge.gates import GateInputs, compute_gates
-    from moeforge.gates.compute import degenerate_layers, describe_layers
     from moeforge.plan import plan_moe
 
     config, n_layers = inputs.config, inputs.num_layers
+    # the base model, if a gate mode runs it, is loaded and freed inside compute_gates: before any writing
     gates = compute_gates(
         config.gate_mode,
         GateInputs(inputs.base, [e for e, _ in inputs.experts], n_layers, inputs.hidden_size, inputs.seed,
-                   inputs.options),
+                   inputs.options, num_routed=len(inputs.experts)),
     )
-    if config.gate_mode not in RANDOM_GATE_MODES:
-        bad = degenerate_layers(gates)
-        if bad:
-            log.warning(
-                "%s %s degenerate routing parameters (ill-conditioned gate matrix): your prompts may be too "
-                "similar, and some experts will be underused", describe_layers(bad, n_layers).capitalize(),
-                "has" if len(bad) == 1 else "have",
-            )
     n_experts = len(inputs.experts)
     if inputs.layout.name == "mixtral" and n_experts & (n_experts - 1):
         log.warning("%d experts is not a power of two: llama.cpp cannot run this model", n_experts)

@@ -48,6 +48,7 @@ def make_dense(
     init_from: Optional[Path] = None,
     max_shard_size: Optional[str] = None,
     bin_format: bool = False,
+    train_batch_size: Optional[int] = None,
     **config_overrides,
 ):
     """Save a small dense causal LM (random init, or `init_from`, plus a few training steps) with its tokenizer."""
@@ -70,7 +71,7 @@ def make_dense(
         )
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if train_texts and train_steps:
-        train(model, tok, train_texts, train_steps)
+        train(model, tok, train_texts, train_steps, batch_size=train_batch_size)
     model.to(getattr(torch, dtype))
     model.generation_config.max_new_tokens = 16
     if bin_format:
@@ -83,16 +84,22 @@ def make_dense(
     return model
 
 
-def train(model, tok, texts: Sequence[str], steps: int, lr: float = 3e-3) -> float:
-    """A few steps of next-token training, enough to make experts differ from their base."""
+def train(model, tok, texts: Sequence[str], steps: int, lr: float = 3e-3, batch_size: Optional[int] = None) -> float:
+    """A few steps of next-token training, enough to make experts differ from their base.
+
+    Full batch by default; with `batch_size`, each step takes the next slice of the texts, cycling."""
     import torch
 
     model.train()
-    batch = tok([tok.bos_token + t for t in texts], return_tensors="pt", padding=True, add_special_tokens=False)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    texts = list(texts)
+    size = batch_size or len(texts)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     loss = None
-    for _ in range(steps):
+    for step in range(steps):
+        start = (step * size) % len(texts)
+        chunk = (texts + texts)[start:start + size]
+        batch = tok([tok.bos_token + t for t in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
         loss.backward()
         opt.step()
