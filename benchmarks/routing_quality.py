@@ -80,7 +80,7 @@ def texts(task: str, count: int, seed: int):
 
 
 def make_models(work: Path, seed: int, layers: int, steps_base: int, steps_expert: int, train_count: int,
-                lr_expert: float):
+                lr_expert: float, bos: bool, vocab: int, tune: str):
     """A base briefly trained on all four tasks, then one fully fine-tuned expert per task."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,11 +90,14 @@ def make_models(work: Path, seed: int, layers: int, steps_base: int, steps_exper
     corpus = [x for t in TASKS for x in train[t]]
     mixed = random.Random(seed).sample(corpus, len(corpus))  # minibatches of every task
     make_dense(work / "base", seed=seed, hidden_size=64, intermediate_size=256, num_layers=layers,
-               tokenizer_corpus=corpus, train_texts=mixed, train_steps=steps_base, train_batch_size=BATCH)
+               tokenizer_corpus=corpus, train_texts=mixed, train_steps=steps_base, train_batch_size=BATCH, bos=bos,
+               vocab_size=vocab)
     tok = AutoTokenizer.from_pretrained(str(work / "base"))
     for t in TASKS:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(str(work / "base"), dtype=torch.float32)
+        for name, param in model.named_parameters():
+            param.requires_grad = tune == "full" or ".mlp." in name
         train_steps(model, tok, train[t], steps_expert, lr=lr_expert, batch_size=BATCH)
         model.save_pretrained(str(work / t))
         tok.save_pretrained(str(work / t))
@@ -119,7 +122,7 @@ def evaluate(model, tok, samples, expert: int = -1):
     (tokens x layers, bos excluded) that pick `expert`."""
     from moeforge.inspect import RouterRecorder, moe_shape
 
-    batch = tok([tok.bos_token + s for s in samples], return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tok([(tok.bos_token or "") + s for s in samples], return_tensors="pt", padding=True, add_special_tokens=False)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     is_moe = expert >= 0
     recorder = None
@@ -133,7 +136,7 @@ def evaluate(model, tok, samples, expert: int = -1):
         with recorder:
             loss = model(**batch, labels=labels).loss
         keep = batch["attention_mask"].bool()
-        keep[:, 0] = False
+        keep[:, 0] = tok.bos_token is None
         keep = keep.reshape(-1)
         hits = [float((torch.cat(recorder.logits[l])[keep].argmax(-1) == expert).float().mean()) for l in recorder.layers]
         return float(loss), sum(hits) / len(hits)
@@ -162,19 +165,25 @@ def main(argv=None) -> dict:
     p.add_argument("--prompts", type=int, default=20, help="positive prompts per expert")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--steps-base", type=int, default=100)
-    p.add_argument("--steps-expert", type=int, default=100)
+    p.add_argument("--steps-expert", type=int, default=150)
     p.add_argument("--lr-expert", type=float, default=1e-3)
-    p.add_argument("--train", type=int, default=200, help="training texts per task")
+    p.add_argument("--train", type=int, default=1000, help="training texts per task")
     p.add_argument("--eval", type=int, default=100, help="held-out texts per task")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False,
+                   help="prepend a bos token to every text (Llama-style); default: none (Qwen-style)")
+    p.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size shared by all tasks")
+    p.add_argument("--tune", choices=["full", "mlp"], default="full",
+                   help="what the experts' fine-tuning changes: every weight, or only the MLPs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    work = args.work / f"seed{args.seed}"
+    work = args.work / f"seed{args.seed}-v{args.vocab}-{args.tune}{'-bos' if args.bos else ''}"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train = make_models(work, args.seed, args.layers, args.steps_base, args.steps_expert, args.train, args.lr_expert)
+    train = make_models(work, args.seed, args.layers, args.steps_base, args.steps_expert, args.train, args.lr_expert,
+                        args.bos, args.vocab, args.tune)
     t_models = time.perf_counter() - t0
     held_out = {t: texts(t, args.eval, args.seed + 1000) for t in TASKS}
     prompts = {t: train[t][: args.prompts] for t in TASKS}

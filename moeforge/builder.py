@@ -126,7 +126,7 @@ def plan_tensors(inputs: Inputs) -> "MoEPlan":
     gates = compute_gates(
         config.gate_mode,
         GateInputs(inputs.base, [e for e, _ in inputs.experts], n_layers, inputs.hidden_size, inputs.seed,
-                   inputs.options, num_routed=len(inputs.experts)),
+                   inputs.options, num_routed=len(inputs.experts), checkpoints=[c for _, c in inputs.experts]),
     )
     n_experts = len(inputs.experts)
     if inputs.layout.name == "mixtral" and n_experts & (n_experts - 1):

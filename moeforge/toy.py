@@ -14,8 +14,9 @@ DEFAULT_CORPUS = (
 )
 
 
-def make_tokenizer(out_dir: Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 256):
-    """A byte-level BPE tokenizer trained on `corpus`, saved as a transformers fast tokenizer."""
+def make_tokenizer(out_dir: Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 256, bos: bool = True):
+    """A byte-level BPE tokenizer trained on `corpus`, saved as a transformers fast tokenizer.
+    `bos=False` makes one without a bos token, like Qwen's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -28,7 +29,7 @@ def make_tokenizer(out_dir: Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_
     )
     tok.train_from_iterator(list(corpus), trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>" if bos else None, eos_token="</s>", pad_token="<pad>"
     )
     fast.save_pretrained(str(out_dir))
     return fast
@@ -49,6 +50,8 @@ def make_dense(
     max_shard_size: Optional[str] = None,
     bin_format: bool = False,
     train_batch_size: Optional[int] = None,
+    bos: bool = True,
+    vocab_size: int = 256,
     **config_overrides,
 ):
     """Save a small dense causal LM (random init, or `init_from`, plus a few training steps) with its tokenizer."""
@@ -57,7 +60,7 @@ def make_dense(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out_dir, tokenizer_corpus)
+    tok = make_tokenizer(out_dir, tokenizer_corpus, vocab_size=vocab_size, bos=bos)
     torch.manual_seed(seed)
     if init_from is not None:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(init_from), dtype=torch.float32)
@@ -98,7 +101,7 @@ def train(model, tok, texts: Sequence[str], steps: int, lr: float = 3e-3, batch_
     for step in range(steps):
         start = (step * size) % len(texts)
         chunk = (texts + texts)[start:start + size]
-        batch = tok([tok.bos_token + t for t in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tok([(tok.bos_token or "") + t for t in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
         loss.backward()

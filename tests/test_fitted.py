@@ -61,13 +61,17 @@ def test_one_row_sigmoid_gate_for_a_shared_expert():
     assert opened[y == 0].min() > 0.5 and opened[y != 0].max() < 0.5
 
 
-def _capture_router_inputs(base, prompts):
-    """Reference: the output of every layer's post_attention_layernorm, one prompt at a time, bos dropped.
-    Returns per layer (tokens, hidden), and each token's prompt index."""
+def _capture_router_inputs(base, prompts, mlp_from=None):
+    """Reference: the output of every layer's post_attention_layernorm, one prompt at a time, bos dropped, in
+    the base model (with the MLPs of `mlp_from`, if given). Returns per layer (tokens, hidden), and each
+    token's prompt index."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if mlp_from is not None:
+        donor = AutoModelForCausalLM.from_pretrained(mlp_from, dtype=torch.float32).state_dict()
+        model.load_state_dict({k: v for k, v in donor.items() if ".mlp." in k}, strict=False)
     layers = model.model.layers
     per_layer = [[] for _ in layers]
     hooks = [l.post_attention_layernorm.register_forward_hook(lambda m, a, o, i=i: per_layer[i].append(o[0, 1:]))
@@ -95,10 +99,14 @@ def test_fitted_build_matches_a_reference_fit_and_routes_prompts_to_their_expert
     moeforge.build(cfg, out, quiet=True, hidden_dtype="float32", prompt_batch_size=2)
     got = _routers(out)
 
-    prompts = CODE + STORY + ["Once upon"]
-    layers, owner = _capture_router_inputs(models["base"], prompts)
-    label_pos = torch.tensor([0, 0, 1, 1, -1])[owner]
-    label_neg = torch.tensor([-1, -1, -1, -1, 0])[owner]
+    # positives run through the base with their expert's MLPs; negatives through the base
+    code_x, code_owner = _capture_router_inputs(models["base"], CODE, mlp_from=models["code"])
+    story_x, story_owner = _capture_router_inputs(models["base"], STORY, mlp_from=models["story"])
+    neg_x, neg_owner = _capture_router_inputs(models["base"], ["Once upon"])
+    layers = [torch.cat(parts) for parts in zip(code_x, story_x, neg_x)]
+    n_code, n_story, n_neg = len(code_owner), len(story_owner), len(neg_owner)
+    label_pos = torch.tensor([0] * n_code + [1] * n_story + [-1] * n_neg)
+    label_neg = torch.tensor([-1] * (n_code + n_story) + [0] * n_neg)
     for l in range(2):
         ref = fit_gate(layers[l], label_pos, label_neg, rows=2).weight
         assert torch.allclose(got[l], ref, atol=2e-3 * ref.abs().max()), (got[l] - ref).abs().max()

@@ -3,9 +3,12 @@
 Two readings of it:
 - `prompt_states`: the residual stream entering each layer, per prompt (the `hidden*` gate modes);
 - `router_inputs`: every real token's MLP input, the tensor an MoE router sees (the `fitted` gate mode).
+`expert_mlps` swaps an expert's MLP weights into the loaded model for a while: the base's attention with
+that expert's MLPs is what the MoE computes for a token routed to that expert.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -54,6 +57,48 @@ class BaseModel:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def mlp_parameters(self):
+        """{checkpoint tensor name: model parameter} of every MLP weight, or None where they cannot be swapped
+        (quantized, offloaded to disk, or named otherwise than the checkpoint)."""
+        from moeforge.families import family_of
+        from moeforge.families.base import MLP_ROLES
+
+        family = family_of(self.inputs.base)
+        params = {}
+        for layer in range(self.inputs.num_layers):
+            for role in MLP_ROLES:
+                name = family.mlp_name(role, layer)
+                try:
+                    param = self.model.get_parameter(name)
+                except AttributeError:
+                    return None
+                if not param.dtype.is_floating_point or param.device.type == "meta":
+                    return None
+                params[(role, layer)] = (name, param)
+        return params
+
+    @contextlib.contextmanager
+    def expert_mlps(self, checkpoint, expert, params):
+        """The model with `checkpoint`'s MLP weights (down_proj times the expert's residual_scale); the base's
+        are read back from its checkpoint afterwards."""
+        import torch
+
+        from moeforge.families import family_of
+
+        mlp_name = family_of(checkpoint).mlp_name
+        try:
+            with torch.no_grad():
+                for (role, layer), (_, param) in params.items():
+                    weight = checkpoint.load(mlp_name(role, layer))
+                    if role == "down" and expert.residual_scale is not None:
+                        weight = weight.float() * expert.residual_scale
+                    param.copy_(weight.to(param.dtype))
+            yield self
+        finally:
+            with torch.no_grad():
+                for name, param in params.values():
+                    param.copy_(self.inputs.base.load(name).to(param.dtype))
 
     def prompt_states(self, prompts: List[str], average: bool) -> List["object"]:
         """(layers, hidden) float32 per prompt: the residual stream entering each layer at the prompt's last real

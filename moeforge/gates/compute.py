@@ -20,6 +20,7 @@ class GateInputs:
     options: BuildOptions
     embed_name: str = "model.embed_tokens.weight"
     num_routed: Optional[int] = None  # rows from here on are shared-expert gates (sigmoid); None: all routed
+    checkpoints: Optional[Sequence[Checkpoint]] = None  # the experts' own, parallel to `experts` (fitted uses them)
 
     @property
     def routed_count(self) -> int:
