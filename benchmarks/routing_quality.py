@@ -163,19 +163,21 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--prompts", type=int, default=20, help="positive prompts per expert")
-    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=2, help="experts_per_token of the MoEs (mergekit default: 2)")
     p.add_argument("--steps-base", type=int, default=100)
     p.add_argument("--steps-expert", type=int, default=150)
-    p.add_argument("--lr-expert", type=float, default=1e-3)
+    p.add_argument("--lr-expert", type=float, default=None, help="default: 2e-3 for --tune mlp, 1e-3 for full")
     p.add_argument("--train", type=int, default=1000, help="training texts per task")
     p.add_argument("--eval", type=int, default=100, help="held-out texts per task")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=False,
                    help="prepend a bos token to every text (Llama-style); default: none (Qwen-style)")
     p.add_argument("--vocab", type=int, default=512, help="BPE vocabulary size shared by all tasks")
-    p.add_argument("--tune", choices=["full", "mlp"], default="full",
+    p.add_argument("--tune", choices=["full", "mlp"], default="mlp",
                    help="what the experts' fine-tuning changes: every weight, or only the MLPs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run best on one)")
     args = p.parse_args(argv)
+    if args.lr_expert is None:
+        args.lr_expert = 2e-3 if args.tune == "mlp" else 1e-3
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -228,7 +230,8 @@ def markdown(result: dict, args) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{losses[t]:.3f}" for t in TASKS)
                      + f" | {mean_loss:.3f} | {gap_cell} | {agree_cell} |")
     lines.append("")
-    lines.append(f"seed {args.seed}, {args.layers} layers, top-{args.top_k}, {args.prompts} prompts per expert; "
+    lines.append(f"seed {args.seed}, {args.layers} layers, experts tuned: {args.tune}, {'bos' if args.bos else 'no bos'}, "
+                 f"vocab {args.vocab}, top-{args.top_k}, {args.prompts} prompts per expert; "
                  f"build seconds: " + ", ".join(f"{m} {s:.1f}" for m, s in result["build_seconds"].items()))
     return "\n".join(lines)
 

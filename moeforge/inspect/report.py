@@ -27,6 +27,7 @@ class RoutingReport:
     topk: "object"  # (layers, experts): tokens with the expert among their top-k
     correct: Optional["object"] = None  # (layers,): labelled tokens whose first choice is their label
     labelled: int = 0
+    bos_skipped: bool = False
 
     def share(self, counts):
         return counts.float() / max(self.tokens, 1)
@@ -41,8 +42,8 @@ class RoutingReport:
         titles = ("chosen first (top-1)", f"in the top-{self.top_k}")
         width = max(col * e, *(len(t) + 1 for t in titles))
         lines = [
-            f"{self.model}: {e} experts, top-{self.top_k}; {self.prompts} prompt{'' if self.prompts == 1 else 's'}, {self.tokens} tokens "
-            "(the prepended bos is not counted)",
+            f"{self.model}: {e} experts, top-{self.top_k}; {self.prompts} prompt{'' if self.prompts == 1 else 's'}, {self.tokens} tokens"
+            + (" (the prepended bos is not counted)" if self.bos_skipped else ""),
             "experts: " + ", ".join(f"{i} = {n}" for i, n in enumerate(self.expert_names)),
             "",
             f"{'layer':>5}  " + "  ".join(t.rjust(width) for t in titles)
@@ -195,4 +196,4 @@ def inspect_model(model_dir, prompts: Sequence[Prompt], device: str = "auto", dt
     del model
     has_labels = any(l is not None for l in labels)
     return RoutingReport(str(model_dir), num_experts, top_k, recorder.layers, names, len(prompts), tokens, top1, topk,
-                         correct if has_labels else None, labelled)
+                         correct if has_labels else None, labelled, skip_first)
