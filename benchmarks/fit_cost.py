@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from routing_quality import TASKS, texts  # noqa: E402
+from routing_quality import TASKS  # noqa: E402
 
 from moeforge.config import Expert  # noqa: E402
 from moeforge.gates import GateInputs  # noqa: E402

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Optional
 
 DEFAULT_L2 = 1e-3  # on unit-RMS features, per unit of total token weight
 DEFAULT_MAX_ITER = 200
@@ -90,7 +89,7 @@ def fit_gate(
         opt.step(closure)
     with torch.no_grad():
         final = float(objective())
-    iterations = opt.state[opt._params[0]].get("n_iter", 0)
+    iterations = opt.state[weight].get("n_iter", 0)
     return FitResult((weight.detach() / scale).contiguous(), final, int(iterations))
 
 
@@ -116,25 +115,3 @@ def _group_weights(labels, rows: int):
     weights = torch.zeros(labels.shape[0], dtype=torch.float64)
     weights[valid] = 1.0 / counts[labels[valid]]
     return weights
-
-
-def pairwise_separation(weight, x, positive, rows: Optional[int] = None):
-    """(rows, rows) matrix: share of tokens of experts e and f that the router ranks correctly between e and f.
-
-    1.0 means the router always tells e's tokens from f's; 0.5 is a coin flip.
-    """
-    import torch
-
-    positive = torch.as_tensor(positive, dtype=torch.long)
-    rows = rows or weight.shape[0]
-    z = x.float() @ weight.t()
-    sep = torch.ones(rows, rows)
-    for e in range(rows):
-        for f in range(e + 1, rows):
-            te, tf = positive == e, positive == f
-            if not te.any() or not tf.any():
-                continue
-            right_e = (z[te, e] > z[te, f]).float().mean()
-            right_f = (z[tf, f] > z[tf, e]).float().mean()
-            sep[e, f] = sep[f, e] = float((right_e + right_f) / 2)
-    return sep

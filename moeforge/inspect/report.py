@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -10,7 +9,6 @@ from typing import List, Optional, Sequence
 from moeforge.errors import ConfigError, SourceError
 from moeforge.inspect.prompts_file import Prompt, resolve_labels
 
-log = logging.getLogger("moeforge")
 PLOT_HINT = "pip install moeforge[plot]"
 
 
