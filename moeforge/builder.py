@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 from moeforge._version import __version__
-from moeforge.config import RANDOM_GATE_MODES, Expert, MoEConfig, load_config
+from moeforge.config import Expert, MoEConfig, load_config
 from moeforge.errors import ConfigError, SourceError
 from moeforge.options import BuildOptions, parse_shard_size
 from moeforge.sources.checkpoint import CODE_OF, DTYPES, Checkpoint
@@ -123,7 +123,10 @@ def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str,
     from moeforge.writer.resume import BuildSession
 
     config = load_config(config_or_path)
+    from moeforge.gates.loading import check_load_options
+
     opts = BuildOptions.from_kwargs(**options)
+    check_load_options(opts)
     check_output_path(Path(out_dir), opts.overwrite)
     token = None
     if opts.private and not opts.push_to_hub:
@@ -216,25 +219,18 @@ def _check_layer_ranges(where: str, expert: Expert, num_layers: int) -> None:
 def plan_tensors(inputs: Inputs) -> "MoEPlan":
     """Compute the routers, then plan every output tensor."""
     from moeforge.gates import GateInputs, compute_gates
-    from moeforge.gates.compute import degenerate_layers, describe_layers
     from moeforge.plan import plan_moe
 
     config, n_layers, n_routed, g = inputs.config, inputs.num_layers, len(inputs.experts), inputs.granularity
     gated = inputs.experts[::g] + inputs.gated[n_routed:]  # one row per copy when experts are fine-grained
+    n_rows = n_routed // g
+    # the base model, if a gate mode runs it, is loaded and freed inside compute_gates: before any writing
     gates = compute_gates(
         config.gate_mode,
-        GateInputs(inputs.base, [e for e, _ in gated], n_layers, inputs.hidden_size, inputs.seed, inputs.options),
+        GateInputs(inputs.base, [e for e, _ in gated], n_layers, inputs.hidden_size, inputs.seed,
+                   inputs.options, num_routed=n_rows, checkpoints=[c for _, c in gated]),
     )
-    n_rows = n_routed // g
     routed, shared = gates[:, :n_rows].repeat_interleave(g, dim=1), gates[:, n_rows:]
-    if config.gate_mode not in RANDOM_GATE_MODES:
-        bad = degenerate_layers(routed)
-        if bad:
-            log.warning(
-                "%s %s degenerate routing parameters (ill-conditioned gate matrix): your prompts may be too "
-                "similar, and some experts will be underused", describe_layers(bad, n_layers).capitalize(),
-                "has" if len(bad) == 1 else "have",
-            )
     if inputs.layout.name == "mixtral" and n_routed & (n_routed - 1):
         log.warning("%d experts is not a power of two: llama.cpp cannot run this model", n_routed)
     return plan_moe(inputs, routed, shared)

@@ -15,11 +15,17 @@ class _Formatter(logging.Formatter):
         return f"moeforge: {record.levelname.lower()}: {record.getMessage()}"
 
 
+class _Handler(logging.StreamHandler):
+    """Ours, so a second command in one process replaces it and leaves other handlers alone."""
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.setFormatter(_Formatter())
     log = logging.getLogger("moeforge")
-    log.handlers[:] = [handler]
+    for old in [h for h in log.handlers if isinstance(h, _Handler)]:
+        log.removeHandler(old)
+    log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
     log.propagate = False
     import os
@@ -43,8 +49,10 @@ def output_options(fn):
         click.option("--random-seed", type=int, default=None, help="Seed for random gates and noise (default: drawn, recorded in the output)."),
         click.option("--out-shard-size", default="5B", show_default=True, help="Max shard size: parameters (5B, 500M) or bytes (4GB, 4GiB)."),
         click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the base's tokenizer files."),
-        click.option("--device", default="auto", show_default=True, help="Device for hidden-state gates: cpu, cuda, cuda:N or auto."),
-        click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Dtype of the base model's forward pass for hidden gates."),
+        click.option("--device", default="auto", show_default=True, help="Device of the base model's forward pass (hidden and fitted gates): cpu, cuda, cuda:N or auto (all GPUs, then CPU)."),
+        click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Dtype of the base model's forward pass for hidden and fitted gates."),
+        click.option("--load-in-4bit", is_flag=True, help="Run that forward pass with 4-bit bitsandbytes weights (pip install moeforge[quant])."),
+        click.option("--load-in-8bit", is_flag=True, help="Run that forward pass with 8-bit bitsandbytes weights (pip install moeforge[quant])."),
         click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from the base model's repository."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the new build is complete)."),
         click.option("--resume", is_flag=True, help="Continue an interrupted build of the same inputs, reusing its verified shards."),
@@ -178,6 +186,39 @@ def wemoe_run_cmd(config_path, out_path, verbose, quiet, **options):
         click.echo(f"moeforge: {result.summary()}", err=True)
 
 
+@cli.command("inspect")
+@click.argument("model_path", metavar="OUT", type=click.Path(file_okay=False))
+@click.option("--prompts", "prompts_path", required=True, type=click.Path(dir_okay=False), help="Prompts: .txt (one per line) or .jsonl (strings, or {\"text\": ..., \"expert\": index or name}).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also save a heatmap PNG here (pip install moeforge[plot]).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (all GPUs, then CPU).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True, help="Dtype to run the model in (auto: the checkpoint's).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Prompts per forward pass.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from OUT.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def inspect_cmd(model_path, prompts_path, plot_path, device, dtype, batch_size, trust_remote_code, verbose, quiet):
+    """Report how often each expert of the MoE in OUT is chosen, per layer, for some prompts."""
+    _setup_logging(verbose, quiet)
+
+    def run(verbose):
+        from moeforge.gates.loading import check_device
+        from moeforge.inspect import inspect_model
+        from moeforge.inspect.prompts_file import read_prompts
+        from moeforge.inspect.report import check_plot_available
+
+        check_device(device)
+        if plot_path:
+            check_plot_available()
+        report = inspect_model(model_path, read_prompts(prompts_path), device=device, dtype=dtype,
+                               batch_size=batch_size, trust_remote_code=trust_remote_code, quiet=quiet)
+        click.echo(report.table())
+        if plot_path:
+            report.plot(plot_path)
+            click.echo(f"heatmap: {plot_path}")
+
+    _run(run, verbose=verbose)
+
+
 @wemoe_group.command("eval")
 @click.argument("out_path", metavar="OUT", type=click.Path(file_okay=False))
 @click.option("--data", "data", multiple=True, metavar="TASK=PATH", help="Labelled data for a task (default: the config's data). Repeatable.")
@@ -217,7 +258,7 @@ def wemoe_eval_cmd(out_path, data, batch_size, limit, device, json_path, no_veri
 
 
 # as config.GateMode, listed here so that --help does not import pydantic
-_GATE_MODES = ["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"]
+_GATE_MODES = ["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "fitted"]
 
 
 @cli.command("add-expert")

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moeforge.errors import ConfigError
 
-GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random"]
+GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "fitted"]
 DType = Literal["float32", "float16", "bfloat16"]
 RANDOM_GATE_MODES = ("random", "uniform_random")
 

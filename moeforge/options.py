@@ -20,6 +20,8 @@ class BuildOptions:
     allow_all_same: bool = False  # --i-understand-this-is-not-useful-without-training
     allow_crimes: bool = False  # mix input families
     hidden_dtype: str = "bfloat16"  # dtype of the base model's forward pass for hidden gates (mergekit: bf16)
+    load_in_4bit: bool = False  # bitsandbytes quantization of that forward pass (moeforge[quant])
+    load_in_8bit: bool = False
     prompt_batch_size: int = 16
     overwrite: bool = False
     resume: bool = False  # reuse the completed shards of an interrupted build of the same inputs

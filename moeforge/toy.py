@@ -14,8 +14,9 @@ DEFAULT_CORPUS = (
 )
 
 
-def make_tokenizer(out_dir: Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 256):
-    """A byte-level BPE tokenizer trained on `corpus`, saved as a transformers fast tokenizer."""
+def make_tokenizer(out_dir: Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 256, bos: bool = True):
+    """A byte-level BPE tokenizer trained on `corpus`, saved as a transformers fast tokenizer.
+    `bos=False` makes one without a bos token, like Qwen's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -28,7 +29,7 @@ def make_tokenizer(out_dir: Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_
     )
     tok.train_from_iterator(list(corpus), trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>" if bos else None, eos_token="</s>", pad_token="<pad>"
     )
     fast.save_pretrained(str(out_dir))
     return fast
@@ -48,6 +49,9 @@ def make_dense(
     init_from: Optional[Path] = None,
     max_shard_size: Optional[str] = None,
     bin_format: bool = False,
+    train_batch_size: Optional[int] = None,
+    bos: bool = True,
+    vocab_size: int = 256,
     **config_overrides,
 ):
     """Save a small dense causal LM (random init, or `init_from`, plus a few training steps) with its tokenizer."""
@@ -56,7 +60,7 @@ def make_dense(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out_dir, tokenizer_corpus)
+    tok = make_tokenizer(out_dir, tokenizer_corpus, vocab_size=vocab_size, bos=bos)
     torch.manual_seed(seed)
     if init_from is not None:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(init_from), dtype=torch.float32)
@@ -75,7 +79,7 @@ def make_dense(
         )
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if train_texts and train_steps:
-        train(model, tok, train_texts, train_steps)
+        train(model, tok, train_texts, train_steps, batch_size=train_batch_size)
     model.to(getattr(torch, dtype))
     model.generation_config.max_new_tokens = 16
     if bin_format:
@@ -88,16 +92,22 @@ def make_dense(
     return model
 
 
-def train(model, tok, texts: Sequence[str], steps: int, lr: float = 3e-3) -> float:
-    """A few steps of next-token training, enough to make experts differ from their base."""
+def train(model, tok, texts: Sequence[str], steps: int, lr: float = 3e-3, batch_size: Optional[int] = None) -> float:
+    """A few steps of next-token training, enough to make experts differ from their base.
+
+    Full batch by default; with `batch_size`, each step takes the next slice of the texts, cycling."""
     import torch
 
     model.train()
-    batch = tok([tok.bos_token + t for t in texts], return_tensors="pt", padding=True, add_special_tokens=False)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    texts = list(texts)
+    size = batch_size or len(texts)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     loss = None
-    for _ in range(steps):
+    for step in range(steps):
+        start = (step * size) % len(texts)
+        chunk = (texts + texts)[start:start + size]
+        batch = tok([(tok.bos_token or "") + t for t in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
         loss.backward()
         opt.step()

@@ -59,7 +59,8 @@ def test_extract_from_qwen2_moe_is_a_qwen2_model(models, out, tmp_path):
 
 def test_add_expert_equals_building_with_it(models, moe, tmp_path):
     """The router row comes from the recorded gate mode and base: the result is the build of the recorded
-    recipe, bit for bit."""
+    recipe, bit for bit except router rows, which batched forward passes over a different set of prompts
+    reproduce to float32 rounding."""
     result = add_expert(moe, models["story"], prompts=["Once upon a time"], out_dir=tmp_path / "three",
                         quiet=True, hidden_dtype="float32")
     assert result.out_dir == tmp_path / "three"
@@ -70,7 +71,9 @@ def test_add_expert_equals_building_with_it(models, moe, tmp_path):
     moeforge.build(recipe, tmp_path / "rebuilt", quiet=True, hidden_dtype="float32")
     got, rebuilt = read_tensors(tmp_path / "three"), read_tensors(tmp_path / "rebuilt")
     assert got.keys() == rebuilt.keys()
-    assert all(torch.equal(got[k], rebuilt[k]) for k in got), [k for k in got if not torch.equal(got[k], rebuilt[k])]
+    routers = {k for k in got if k.endswith("block_sparse_moe.gate.weight")}
+    assert all(torch.equal(got[k], rebuilt[k]) for k in set(got) - routers)
+    assert all(torch.allclose(got[k], rebuilt[k], atol=1e-6, rtol=0) for k in routers)
     assert torch.equal(got["model.layers.0.block_sparse_moe.gate.weight"][:2],
                        read_tensors(moe)["model.layers.0.block_sparse_moe.gate.weight"])
     from transformers import MixtralForCausalLM

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from moeforge.config import Expert
+from moeforge.gates.degenerate import degenerate_layers, describe_layers, warn_degenerate  # noqa: F401 (re-exported)
 from moeforge.options import BuildOptions
 from moeforge.sources.checkpoint import Checkpoint
 
@@ -18,17 +19,30 @@ class GateInputs:
     seed: int
     options: BuildOptions
     embed_name: str = "model.embed_tokens.weight"
+    num_routed: Optional[int] = None  # rows from here on are shared-expert gates (sigmoid); None: all routed
+    checkpoints: Optional[Sequence[Checkpoint]] = None  # the experts' own, parallel to `experts` (fitted uses them)
+
+    @property
+    def routed_count(self) -> int:
+        return len(self.experts) if self.num_routed is None else self.num_routed
 
 
 def compute_gates(mode: str, inputs: GateInputs):
-    return _MODES[mode](inputs)
+    """Router rows for every expert in `inputs.experts`; warns when the routed ones cannot tell experts apart."""
+    gates, prompt_vectors = _MODES[mode](inputs)
+    if prompt_vectors is not None:
+        n = inputs.routed_count
+        names = [e.source_model for e in inputs.experts[:n]]
+        # fitted rows are not prompt vectors: mergekit's condition-number test does not apply to them
+        warn_degenerate(prompt_vectors[:, :n], names, check_condition=mode != "fitted")
+    return gates
 
 
 def _random(inputs: GateInputs):
     import torch
 
     torch.manual_seed(inputs.seed)  # same draw as mergekit-moe with --random-seed
-    return torch.randn((inputs.num_layers, len(inputs.experts), inputs.hidden_size))
+    return torch.randn((inputs.num_layers, len(inputs.experts), inputs.hidden_size)), None
 
 
 def _uniform_random(inputs: GateInputs):
@@ -37,16 +51,15 @@ def _uniform_random(inputs: GateInputs):
 
     torch.manual_seed(inputs.seed)
     scale = (1.0 / inputs.hidden_size) ** 0.5
-    return torch.rand((inputs.num_layers, len(inputs.experts), inputs.hidden_size)) * 2 * scale - scale
+    return torch.rand((inputs.num_layers, len(inputs.experts), inputs.hidden_size)) * 2 * scale - scale, None
 
 
-def prompt_vectors(experts: Sequence[Expert], encode: Callable[[List[str]], "object"], quiet: bool = False):
+def prompt_vectors(experts: Sequence[Expert], encode: Callable[[List[str]], "object"]):
     """(layers, experts, hidden): positives minus negatives, unit-normalised per layer and expert."""
     import torch
-    from tqdm.auto import tqdm
 
     rows = []
-    for expert in tqdm(experts, desc="encoding prompts", unit="expert", disable=quiet):
+    for expert in experts:
         vec = encode(list(expert.positive_prompts or []))
         if expert.negative_prompts:
             vec = vec - encode(list(expert.negative_prompts))
@@ -57,17 +70,30 @@ def prompt_vectors(experts: Sequence[Expert], encode: Callable[[List[str]], "obj
 def _cheap_embed(inputs: GateInputs):
     from moeforge.gates.prompts import cheap_embedding_encoder
 
-    return prompt_vectors(inputs.experts, cheap_embedding_encoder(inputs), inputs.options.quiet)
+    gates = prompt_vectors(inputs.experts, cheap_embedding_encoder(inputs))
+    return gates, gates
 
 
 def _hidden(average: bool):
     def run(inputs: GateInputs):
-        from moeforge.gates.prompts import HiddenStateEncoder
+        import torch
 
-        with HiddenStateEncoder(inputs) as encoder:
-            return prompt_vectors(inputs.experts, lambda prompts: encoder.encode(prompts, average), inputs.options.quiet)
+        from moeforge.gates.base_model import BaseModel
+        from moeforge.gates.fitted import prompt_table
+
+        prompts = prompt_table(inputs.experts)[0]
+        with BaseModel(inputs) as base:  # one batched pass over every expert's prompts
+            states = dict(zip(prompts, base.prompt_states(prompts, average)))
+        gates = prompt_vectors(inputs.experts, lambda ps: torch.stack([states[p] for p in ps]).mean(0))
+        return gates, gates
 
     return run
+
+
+def _fitted(inputs: GateInputs):
+    from moeforge.gates.fitted import fitted_gates
+
+    return fitted_gates(inputs)
 
 
 _MODES: Dict[str, Callable] = {
@@ -77,20 +103,5 @@ _MODES: Dict[str, Callable] = {
     "hidden": _hidden(average=False),
     "hidden_last": _hidden(average=False),
     "hidden_avg": _hidden(average=True),
+    "fitted": _fitted,
 }
-
-
-def degenerate_layers(gates, threshold: float = 5.0) -> List[int]:
-    """Layers whose gate matrix is ill-conditioned (prompts too similar), as mergekit warns."""
-    import torch
-
-    if gates.shape[1] < 2:
-        return []
-    return [l for l in range(gates.shape[0]) if float(torch.linalg.cond(gates[l].float())) > threshold]
-
-
-def describe_layers(layers: List[int], total: int) -> str:
-    if len(layers) >= total:
-        return "all layers"
-    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(map(str, layers))
-

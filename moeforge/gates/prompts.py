@@ -1,19 +1,22 @@
-"""Prompt encoders: token embeddings (cheap_embed) and the base model's hidden states (hidden modes)."""
+"""Prompt tokenization as mergekit-moe does it, and the token-embedding encoder of `cheap_embed`."""
 from __future__ import annotations
 
-import gc
 from typing import List
 
-from moeforge.errors import ConfigError, SourceError
+from moeforge.errors import SourceError
 
 
 def load_tokenizer(inputs):
+    return load_tokenizer_at(inputs.base.path, inputs.base.label, inputs.options.trust_remote_code)
+
+
+def load_tokenizer_at(path, label: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(inputs.base.path), trust_remote_code=inputs.options.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types for a missing or broken tokenizer
-        raise SourceError(f"{inputs.base.label}: cannot load its tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
+        raise SourceError(f"{label}: cannot load its tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
     if tok.pad_token_id is None:  # in memory only; padding is masked out
         tok.pad_token_id = tok.bos_token_id if tok.bos_token_id is not None else (tok.eos_token_id or 0)
     return tok
@@ -45,71 +48,3 @@ def cheap_embedding_encoder(inputs):
         return vec.expand(inputs.num_layers, -1)
 
     return encode
-
-
-def resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return "auto" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device: {device} requested but no CUDA device is available")
-    return device
-
-
-class HiddenStateEncoder:
-    """The base model's residual stream entering each layer, at each prompt's real last token (or averaged)."""
-
-    def __init__(self, inputs):
-        self.inputs = inputs
-
-    def __enter__(self):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        opts = self.inputs.options
-        self.tok = load_tokenizer(self.inputs)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(self.inputs.base.path),
-            dtype=getattr(torch, opts.hidden_dtype),
-            device_map=resolve_device(opts.device),
-            trust_remote_code=opts.trust_remote_code,
-        )
-        self.model.eval()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        del self.model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def encode(self, prompts: List[str], average: bool):
-        import torch
-
-        ids = tokenize(self.tok, prompts)
-        total = torch.zeros(self.inputs.num_layers, self.inputs.hidden_size)
-        step = self.inputs.options.prompt_batch_size
-        device = self.model.get_input_embeddings().weight.device
-        for start in range(0, len(ids), step):
-            batch = ids[start:start + step]
-            width = max(len(x) for x in batch)
-            input_ids = torch.full((len(batch), width), self.tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, x in enumerate(batch):  # right padding: real tokens never see the pads
-                input_ids[row, : len(x)] = torch.tensor(x)
-                mask[row, : len(x)] = 1
-            with torch.no_grad():
-                out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-            layers = out.hidden_states[: self.inputs.num_layers]  # entering layer 0..L-1
-            for l, h in enumerate(layers):
-                h = h.float().cpu()
-                if average:
-                    m = mask.unsqueeze(-1).float()
-                    total[l] += ((h * m).sum(1) / m.sum(1)).sum(0)
-                else:
-                    last = mask.sum(1) - 1
-                    total[l] += h[torch.arange(len(batch)), last].sum(0)
-        return total / len(ids)
