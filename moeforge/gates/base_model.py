@@ -90,7 +90,11 @@ class BaseModel:
         try:
             with torch.no_grad():
                 for (role, layer), (_, param) in params.items():
-                    weight = checkpoint.load(mlp_name(role, layer))
+                    name = mlp_name(role, layer)
+                    weight = checkpoint.load(name)
+                    delta = checkpoint.delta_for(name)
+                    if delta is not None:  # a LoRA expert: its merged weights, as the build writes them
+                        weight = weight.float() + delta.compute()
                     if role == "down" and expert.residual_scale is not None:
                         weight = weight.float() * expert.residual_scale
                     param.copy_(weight.to(param.dtype))
