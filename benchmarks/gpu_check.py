@@ -38,6 +38,20 @@ def main(work: Path) -> dict:
         results[f"build_s_{device}"] = round(time.perf_counter() - t, 2)
     for device in ("cuda", "auto"):
         results[f"max_router_diff_{device}_vs_cpu"] = float((built[device] - built["cpu"]).abs().max())
+    for bits in (4, 8):  # bitsandbytes on the GPU: routers close to the float32 ones
+        try:
+            moeforge.build(cfg, work / f"q{bits}", quiet=True, random_seed=0, device="cuda", hidden_dtype="float16",
+                           **{f"load_in_{bits}bit": True})
+        except Exception as e:  # report, don't stop the other checks
+            results[f"{bits}bit"] = f"failed: {type(e).__name__}: {e}"
+            continue
+        q = routers(work / f"q{bits}", 4)
+        results[f"min_router_cosine_{bits}bit_vs_cpu"] = float(torch.nn.functional.cosine_similarity(
+            q[1:].flatten(0, 1), built["cpu"][1:].flatten(0, 1), dim=-1).min())
+    cfg_fitted = dict(cfg, gate_mode="fitted")
+    t = time.perf_counter()
+    moeforge.build(cfg_fitted, work / "fitted", quiet=True, random_seed=0, device="cuda", hidden_dtype="float32")
+    results["build_s_fitted_cuda"] = round(time.perf_counter() - t, 2)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     same = dict(cfg, experts=[dict(e, source_model=str(work / "base")) for e in cfg["experts"]])
