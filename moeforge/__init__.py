@@ -4,7 +4,7 @@ Heavy modules (torch, transformers) are imported only when a function that needs
 """
 from moeforge._version import __version__
 
-__all__ = ["__version__", "build", "MoEConfig", "BuildOptions", "MoeforgeError"]
+__all__ = ["__version__", "build", "dry_run", "MoEConfig", "BuildOptions", "MoeforgeError"]
 
 
 def __getattr__(name):
@@ -12,6 +12,10 @@ def __getattr__(name):
         from moeforge.builder import build
 
         return build
+    if name == "dry_run":
+        from moeforge.builder import dry_run
+
+        return dry_run
     if name == "MoEConfig":
         from moeforge.config import MoEConfig
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 from moeforge._version import __version__
-from moeforge.config import Expert, MoEConfig, load_config
+from moeforge.config import RANDOM_GATE_MODES, Expert, MoEConfig, load_config
 from moeforge.errors import ConfigError, SourceError
 from moeforge.options import BuildOptions, parse_shard_size
 from moeforge.sources.checkpoint import CODE_OF, DTYPES, Checkpoint
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from moeforge.families import Family
     from moeforge.layouts import Layout
     from moeforge.plan import MoEPlan
+    from moeforge.plan.report import PlanReport
 
 log = logging.getLogger("moeforge")
 
@@ -191,8 +192,24 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
             ckpt.close()
         raise
     seed = opts.random_seed if opts.random_seed is not None else secrets.randbelow(2**31)
-    return Inputs(config, opts, base, experts, shared, family, layout, inferred, num_layers, hidden,
-                  _output_dtype(config, base), seed, checkpoints)
+    inputs = Inputs(config, opts, base, experts, shared, family, layout, inferred, num_layers, hidden,
+                    _output_dtype(config, base), seed, checkpoints)
+    _check_gate_sources(inputs)
+    return inputs
+
+
+def _check_gate_sources(inputs: Inputs) -> None:
+    """What the gate mode will read, checked now: a routers' failure would otherwise come after the checks."""
+    mode = inputs.config.gate_mode
+    if mode in RANDOM_GATE_MODES:
+        return
+    base = inputs.base
+    if not any((base.path / name).is_file() for name in TOKENIZER_FILES):
+        raise SourceError(f"{base.label}: has no tokenizer files, which gate_mode {mode} needs to read the prompts")
+    if mode == "cheap_embed":
+        from moeforge.gates import GateInputs
+
+        base.ref(GateInputs.embed_name)
 
 
 def _all_experts(config: MoEConfig):
@@ -216,8 +233,31 @@ def _check_layer_ranges(where: str, expert: Expert, num_layers: int) -> None:
                           " (ranges must cover [0, num_layers) exactly)")
 
 
-def plan_tensors(inputs: Inputs) -> "MoEPlan":
-    """Compute the routers, then plan every output tensor."""
+def dry_run(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str, Path, None] = None,
+            **options) -> "PlanReport":
+    """Check every source and size the build from configs and headers only: no tensor data is read, no gate
+    computed, nothing written. Options are `build`'s. The report's `lines()` is what `moeforge plan` prints."""
+    from moeforge.plan.report import make_report
+    from moeforge.writer.output_dir import check_output_path
+
+    config = load_config(config_or_path)
+    opts = BuildOptions.from_kwargs(**options)
+    if out_dir is not None:
+        check_output_path(Path(out_dir), opts.overwrite)
+    inputs = open_inputs(config, opts)
+    try:
+        return make_report(inputs, plan_tensors(inputs, compute_routers=False),
+                           Path(out_dir) if out_dir is not None else None, shard_bytes(inputs))
+    finally:
+        inputs.close()
+
+
+def shard_bytes(inputs: Inputs) -> int:
+    return parse_shard_size(inputs.options.out_shard_size, DTYPES[inputs.out_dtype][1])
+
+
+def plan_tensors(inputs: Inputs, compute_routers: bool = True) -> "MoEPlan":
+    """Compute the routers (or, for a dry run, stand zeros of their shape in), then plan every output tensor."""
     from moeforge.gates import GateInputs, compute_gates
     from moeforge.plan import plan_moe
 
@@ -225,11 +265,16 @@ def plan_tensors(inputs: Inputs) -> "MoEPlan":
     gated = inputs.experts[::g] + inputs.gated[n_routed:]  # one row per copy when experts are fine-grained
     n_rows = n_routed // g
     # the base model, if a gate mode runs it, is loaded and freed inside compute_gates: before any writing
-    gates = compute_gates(
-        config.gate_mode,
-        GateInputs(inputs.base, [e for e, _ in gated], n_layers, inputs.hidden_size, inputs.seed,
-                   inputs.options, num_routed=n_rows, checkpoints=[c for _, c in gated]),
-    )
+    if compute_routers:
+        gates = compute_gates(
+            config.gate_mode,
+            GateInputs(inputs.base, [e for e, _ in gated], n_layers, inputs.hidden_size, inputs.seed,
+                       inputs.options, num_routed=n_rows, checkpoints=[c for _, c in gated]),
+        )
+    else:
+        import torch
+
+        gates = torch.zeros(n_layers, len(gated), inputs.hidden_size)
     routed, shared = gates[:, :n_rows].repeat_interleave(g, dim=1), gates[:, n_rows:]
     if inputs.layout.name == "mixtral" and n_routed & (n_routed - 1):
         log.warning("%d experts is not a power of two: llama.cpp cannot run this model", n_routed)
@@ -246,8 +291,8 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -
     from moeforge.writer.resume import BuildSession
 
     opts = inputs.options
+    max_shard = shard_bytes(inputs)
     session = session or BuildSession.open(out_dir, inputs)
-    shard_bytes = parse_shard_size(opts.out_shard_size, DTYPES[inputs.out_dtype][1])
     side_names = ["generation_config.json"] + (list(TOKENIZER_FILES) if opts.copy_tokenizer else [])
     if opts.check_finite:
         scan_raw_copies(plan.tensors)
@@ -255,7 +300,7 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -
     check_free_space(out_dir, output_bytes(plan, inputs.base.path, side_names) - session.reusable_bytes())
     with session.partial_dir() as tmp:
         with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
-            written = write_sharded(tmp, plan.tensors, shard_bytes, bar, journal=session)
+            written = write_sharded(tmp, plan.tensors, max_shard, bar, journal=session)
         for write_side_file in SIDE_FILES:
             write_side_file(tmp, inputs, plan)
         session.write_manifest(tmp)

@@ -73,9 +73,43 @@ def output_options(fn):
 @output_options
 @click.option("--i-understand-this-is-not-useful-without-training", "allow_all_same", is_flag=True, help="Allow every expert to be the same model (sparse upcycling).")
 @click.option("--allow-crimes", is_flag=True, help="Allow experts from other model families than the base.")
-def build_cmd(config_path, out_path, **options):
+@click.option("--dry-run", is_flag=True, help="Check the sources and print what would be written (as `moeforge plan`); write nothing.")
+def build_cmd(config_path, out_path, dry_run, **options):
     """Build an MoE checkpoint in OUT from the YAML recipe CONFIG."""
+    if dry_run:
+        return _plan(config_path, out_path, **options)
     _build(config_path, out_path, **options)
+
+
+def plan_cmd(config_path, out_path, **options):
+    """Check every source of the YAML recipe CONFIG from headers alone and print what `build` would write:
+    parameters, shards, estimated peak memory, and free disk at OUT (default: here). Reads no tensor data."""
+    _plan(config_path, out_path, **options)
+
+
+# `plan` takes build's options (they change the plan), so it cannot drift from `build`.
+cli.add_command(click.Command(
+    "plan", callback=plan_cmd, help=plan_cmd.__doc__, params=[
+        click.Argument(["config_path"], metavar="CONFIG", type=click.Path(dir_okay=False)),
+        click.Argument(["out_path"], metavar="[OUT]", required=False, type=click.Path(file_okay=True)),
+        *(p for p in build_cmd.params if isinstance(p, click.Option) and p.name != "dry_run"),
+    ],
+))
+
+
+def _plan(config_path, out_path, verbose, quiet, **options):
+    _setup_logging(verbose, quiet)
+    from moeforge.builder import dry_run
+    from moeforge.plan.report import disk_shortfall
+
+    report = _run(dry_run, config_path, out_path, verbose=verbose, quiet=quiet, **options)
+    click.echo(f"moeforge plan: {config_path}" + (f" -> {out_path}" if out_path else ""))
+    for line in report.lines():
+        click.echo(f"  {line}")
+    problem = disk_shortfall(report)
+    if problem:
+        click.echo(f"moeforge: error: {problem}", err=True)
+        sys.exit(1)
 
 
 @cli.command("upcycle")

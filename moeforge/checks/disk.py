@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from moeforge.errors import MoeforgeError
 
@@ -15,14 +16,27 @@ def output_bytes(plan, base_dir: Path, side_file_names) -> int:
     return plan.nbytes + HEADER_BYTES_PER_TENSOR * len(plan.tensors) + side + SLACK
 
 
-def check_free_space(out: Path, needed: int) -> None:
-    """OUT is built beside itself, on the same filesystem; an old OUT is freed only after the new one is in place."""
+def free_bytes(path: Path) -> Optional[int]:
+    """Free bytes for an unprivileged writer at `path`, or None when the filesystem reports no sizes."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize if getattr(st, "f_blocks", 1) else None
+
+
+def existing_parent(out: Path) -> Path:
     where = Path(out).absolute().parent
     while not where.exists() and where != where.parent:
         where = where.parent
-    st = os.statvfs(where)
-    free = st.f_bavail * st.f_frsize
-    if free < needed:
+    return where
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """OUT is built beside itself, on the same filesystem; an old OUT is freed only after the new one is in place."""
+    where = existing_parent(out)
+    free = free_bytes(where)
+    if free is not None and free < needed:
         raise MoeforgeError(
             f"{out}: not enough free disk space on {where}: the build needs {_human(needed)}, {_human(free)} is free"
         )
