@@ -17,6 +17,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class YamlConfig(_Strict):
+    """A top-level config: loaded from YAML or a mapping, with one-line errors naming the field."""
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path]):
+        return cls.from_dict(read_yaml(path), origin=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "config"):
+        return validate_mapping(cls, data, origin)
+
+
 class ModelSpec(_Strict):
     """`{model: ..., lora: ...}`, the long form of `model+lora`."""
 
@@ -106,7 +118,7 @@ class Upcycle(_Strict):
     granularity: int = Field(default=1, ge=1)  # fine-grained experts: g segments per copy
 
 
-class MoEConfig(_Strict):
+class MoEConfig(YamlConfig):
     """A mergekit-moe compatible MoE recipe (or an `upcycle:` block that expands into one)."""
 
     base_model: str = Field(min_length=1)
@@ -167,14 +179,6 @@ class MoEConfig(_Strict):
                 "experts: every expert has the same positive and negative prompts, so the router cannot tell them apart"
             )
         return self
-
-    @classmethod
-    def from_yaml(cls, path: Union[str, Path]) -> "MoEConfig":
-        return cls.from_dict(read_yaml(path), origin=str(path))
-
-    @classmethod
-    def from_dict(cls, data: Any, origin: str = "config") -> "MoEConfig":
-        return validate_mapping(cls, data, origin)
 
     def to_yaml(self) -> str:
         import yaml

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import expert_config
 from helpers import logits, read_tensors
-from test_layouts import _DeepseekMoE
+from test_layouts import deepseek_forward
 
 import moeforge
 from moeforge.errors import ConfigError
@@ -95,19 +95,12 @@ def test_phi3_fused_tensors_are_split_bit_for_bit(fam_models, out):
 
 def deepseek_reference_logits(out, texts=TEXTS):
     """The DeepSeek reference forward on a Llama skeleton built from the output alone."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    t, config = read_tensors(out), json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
     keep = set(LlamaConfig().to_dict()) - {"architectures", "model_type", "dtype", "intermediate_size"}
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k in keep})).float().eval()
-    missing, unexpected = model.load_state_dict({k: v for k, v in t.items() if ".mlp." not in k}, strict=False)
-    assert not unexpected and all(".mlp." in k for k in missing)
-    for layer, block in enumerate(model.model.layers):
-        block.mlp = _DeepseekMoE(t, layer, config)
-    tok = AutoTokenizer.from_pretrained(str(out))
-    batch = tok(list(texts), return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**batch).logits * batch["attention_mask"].unsqueeze(-1)
+    return deepseek_forward(model, out, texts)
 
 
 def test_phi3_to_deepseek(fam_models, out):

@@ -104,10 +104,16 @@ class _DeepseekMoE(torch.nn.Module):
 
 
 def deepseek_logits(out, base_dir, texts=TEXTS):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    return deepseek_forward(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval(), out, texts)
+
+
+def deepseek_forward(model, out, texts=TEXTS):
+    """`model`, a dense model of the output's shape, with out's non-MLP tensors and reference MoE blocks."""
+    from transformers import AutoTokenizer
 
     t, config = read_tensors(out), json.loads((out / "config.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     own = {k: v for k, v in t.items() if ".mlp." not in k}
     missing, unexpected = model.load_state_dict(own, strict=False)
     assert not unexpected and all(".mlp." in k for k in missing)

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence
 
 from moeforge.config import Expert
-from moeforge.gates.degenerate import degenerate_layers, describe_layers, warn_degenerate  # noqa: F401 (re-exported)
+from moeforge.gates.degenerate import warn_degenerate
 from moeforge.options import BuildOptions
 from moeforge.sources.checkpoint import Checkpoint
 

@@ -5,7 +5,6 @@ Nothing here reads tensor data or computes a gate; sizes come from the headers, 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 

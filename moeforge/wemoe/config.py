@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Literal, Optional, Union
+from typing import List, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from moeforge.config import _Strict, read_yaml, validate_mapping
+from moeforge.config import YamlConfig, _Strict
 
 Family = Literal["clip-vision", "causal-lm"]
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -33,7 +33,7 @@ class Task(_Strict):
     classes: Optional[List[str]] = None
 
 
-class WEMoEConfig(_Strict):
+class WEMoEConfig(YamlConfig):
     family: Family
     base_model: str = Field(min_length=1)
     experts: List[Task] = Field(min_length=1)
@@ -84,14 +84,6 @@ class WEMoEConfig(_Strict):
     def uses_shared_router(self) -> bool:
         """E-WEMoE shares one router across blocks; plain WEMoE has one per block."""
         return self.shared_router if self.shared_router is not None else self.sparsity is not None
-
-    @classmethod
-    def from_yaml(cls, path: Union[str, Path]) -> "WEMoEConfig":
-        return cls.from_dict(read_yaml(path), origin=str(path))
-
-    @classmethod
-    def from_dict(cls, data: Any, origin: str = "config") -> "WEMoEConfig":
-        return validate_mapping(cls, data, origin)
 
 
 def load_wemoe_config(config_or_path: Union[WEMoEConfig, dict, str, Path]) -> WEMoEConfig:
