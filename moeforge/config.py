@@ -28,6 +28,15 @@ class YamlConfig(_Strict):
     def from_dict(cls, data: Any, origin: str = "config"):
         return validate_mapping(cls, data, origin)
 
+    @classmethod
+    def load(cls, config_or_path):
+        """An instance as it is, a mapping, or a YAML path."""
+        if isinstance(config_or_path, cls):
+            return config_or_path
+        if isinstance(config_or_path, dict):
+            return cls.from_dict(config_or_path)
+        return cls.from_yaml(config_or_path)
+
 
 class ModelSpec(_Strict):
     """`{model: ..., lora: ...}`, the long form of `model+lora`."""
@@ -233,8 +242,4 @@ def describe_validation_error(e: ValidationError) -> str:
 
 
 def load_config(config_or_path: Union[MoEConfig, dict, str, Path]) -> MoEConfig:
-    if isinstance(config_or_path, MoEConfig):
-        return config_or_path
-    if isinstance(config_or_path, dict):
-        return MoEConfig.from_dict(config_or_path)
-    return MoEConfig.from_yaml(config_or_path)
+    return MoEConfig.load(config_or_path)

@@ -87,8 +87,4 @@ class WEMoEConfig(YamlConfig):
 
 
 def load_wemoe_config(config_or_path: Union[WEMoEConfig, dict, str, Path]) -> WEMoEConfig:
-    if isinstance(config_or_path, WEMoEConfig):
-        return config_or_path
-    if isinstance(config_or_path, dict):
-        return WEMoEConfig.from_dict(config_or_path)
-    return WEMoEConfig.from_yaml(config_or_path)
+    return WEMoEConfig.load(config_or_path)
