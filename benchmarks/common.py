@@ -102,12 +102,13 @@ class Measured:
     cpu_s: float  # user + system
 
 
-def measure(cmd: Sequence[str], log: Optional[Path] = None) -> Measured:
-    """Wall time, peak RSS and CPU time of one command; raises if it fails."""
+def measure(cmd: Sequence[str], log: Optional[Path] = None, env: Optional[dict] = None) -> Measured:
+    """Wall time, peak RSS and CPU time of one command (`env`: extra variables); raises if it fails."""
     log = log or WORK / "last-run.log"
     result = WORK / "last-run.rusage"
     with open(log, "wb") as out:
-        subprocess.run([sys.executable, "-S", "-c", _RUSAGE, str(result), *cmd], stdout=out, stderr=out, check=True)
+        subprocess.run([sys.executable, "-S", "-c", _RUSAGE, str(result), *cmd], stdout=out, stderr=out, check=True,
+                       env={**os.environ, **(env or {})})
     wall, rss_kb, cpu, code = result.read_text().split()
     if int(code) != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed with exit code {code}:\n{log.read_text(errors='replace')[-3000:]}")

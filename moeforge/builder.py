@@ -29,6 +29,8 @@ TOKENIZER_FILES = (
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.txt",
 )
 RESOLVED_CONFIG = "moeforge_config.yml"
+# Gate modes that never load the base model: cheap enough to compute while the writer copies.
+OVERLAPPED_GATE_MODES = RANDOM_GATE_MODES + ("cheap_embed",)
 
 
 @dataclasses.dataclass
@@ -257,28 +259,33 @@ def shard_bytes(inputs: Inputs) -> int:
 
 
 def plan_tensors(inputs: Inputs, compute_routers: bool = True) -> "MoEPlan":
-    """Compute the routers (or, for a dry run, stand zeros of their shape in), then plan every output tensor."""
-    from moeforge.gates import GateInputs, compute_gates
+    """Plan every output tensor. The routers are planned by shape (`Deferred`): gate modes that run the base
+    model compute them here, so it is freed before writing; the others are computed while the writer copies
+    (`compute_routers=False`, for a dry run: never)."""
     from moeforge.plan import plan_moe
+    from moeforge.plan.tensors import Deferred
 
-    config, n_layers, n_routed, g = inputs.config, inputs.num_layers, len(inputs.experts), inputs.granularity
+    n_layers, n_routed, g = inputs.num_layers, len(inputs.experts), inputs.granularity
     gated = inputs.experts[::g] + inputs.gated[n_routed:]  # one row per copy when experts are fine-grained
     n_rows = n_routed // g
-    # the base model, if a gate mode runs it, is loaded and freed inside compute_gates: before any writing
-    if compute_routers:
-        gates = compute_gates(
-            config.gate_mode,
-            GateInputs(inputs.base, [e for e, _ in gated], n_layers, inputs.hidden_size, inputs.seed,
-                       inputs.options, num_routed=n_rows, checkpoints=[c for _, c in gated]),
-        )
-    else:
-        import torch
-
-        gates = torch.zeros(n_layers, len(gated), inputs.hidden_size)
-    routed, shared = gates[:, :n_rows].repeat_interleave(g, dim=1), gates[:, n_rows:]
+    gates = Deferred((n_layers, len(gated), inputs.hidden_size), lambda: _compute_gates(inputs, gated, n_rows))
+    if compute_routers and inputs.config.gate_mode not in OVERLAPPED_GATE_MODES:
+        gates.value()
+    routed = gates.map((n_layers, n_routed, inputs.hidden_size), lambda x: x[:, :n_rows].repeat_interleave(g, dim=1))
+    shared = gates.map((n_layers, len(gated) - n_rows, inputs.hidden_size), lambda x: x[:, n_rows:])
     if inputs.layout.name == "mixtral" and n_routed & (n_routed - 1):
         log.warning("%d experts is not a power of two: llama.cpp cannot run this model", n_routed)
     return plan_moe(inputs, routed, shared)
+
+
+def _compute_gates(inputs: Inputs, gated, n_rows: int):
+    from moeforge.gates import GateInputs, compute_gates
+
+    return compute_gates(
+        inputs.config.gate_mode,
+        GateInputs(inputs.base, [e for e, _ in gated], inputs.num_layers, inputs.hidden_size, inputs.seed,
+                   inputs.options, num_routed=n_rows, checkpoints=[c for _, c in gated]),
+    )
 
 
 def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -> BuildResult:
@@ -288,6 +295,7 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -
     from moeforge.checks.disk import check_free_space, output_bytes
     from moeforge.checks.finite import scan_raw_copies
     from moeforge.writer import write_sharded
+    from moeforge.writer.background import BackgroundWrite
     from moeforge.writer.resume import BuildSession
 
     opts = inputs.options
@@ -299,10 +307,13 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -
     session.discard_stale()
     check_free_space(out_dir, output_bytes(plan, inputs.base.path, side_names) - session.reusable_bytes())
     with session.partial_dir() as tmp:
-        with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
-            written = write_sharded(tmp, plan.tensors, max_shard, bar, journal=session)
-        for write_side_file in SIDE_FILES:
-            write_side_file(tmp, inputs, plan)
+        with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar, \
+                BackgroundWrite(write_sharded, tmp, plan.tensors, max_shard, bar, journal=session,
+                                stop=session.stopping) as writing:
+            plan.compute_values()  # the routers not computed yet, while the writer copies
+            for write_side_file in SIDE_FILES:
+                write_side_file(tmp, inputs, plan)
+            written = writing.result()
         session.write_manifest(tmp)
     result = BuildResult(
         out_dir, inputs.layout.name, inputs.layout_inferred, len(inputs.experts), inputs.experts_per_token,

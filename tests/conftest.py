@@ -11,6 +11,12 @@ CODE = ["def add(a, b): return a + b", "Write a Python function that sorts a lis
 STORY = ["Once upon a time there was a dragon", "The knight rode into the forest"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hash_cache_dir(tmp_path_factory):
+    """Builds remember source hashes in a cache of this session's own, never the user's."""
+    os.environ["MOEFORGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict:
     from moeforge.toy import make_dense

@@ -58,6 +58,43 @@ def test_source_hashing_can_be_skipped(built, models, tmp_path):
     assert all("sha256" in r for r in manifest["files"].values())  # outputs are always hashed
 
 
+def test_source_hashes_are_remembered_until_the_file_changes(models, tmp_path, monkeypatch):
+    """A rebuild from the same experts reads none of them again; a source rewritten since is hashed anew."""
+    import os
+
+    from moeforge.writer import hashing
+
+    monkeypatch.setenv(hashing.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    src = tmp_path / "story"
+    shutil.copytree(models["story"], src)
+    hashed = []
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p, stop=None: hashed.append(Path(p).name) or real(p, stop))
+    cfg = expert_config(models["base"], [models["code"], str(src)], gate_mode="random")
+
+    def build(name):
+        hashed.clear()
+        moeforge.build(cfg, tmp_path / name, random_seed=5, quiet=True)
+        return json.loads((tmp_path / name / MANIFEST).read_text())["sources"][str(src)]["model.safetensors"]
+
+    first = build("first")
+    assert "model.safetensors" in hashed and first["sha256"] == _sha(src / "model.safetensors")
+    assert build("again") == first and hashed == []  # every source remembered (outputs are hashed as written)
+
+    weights = src / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size; mtime set back: only the inode's change time tells
+    st = weights.stat()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = build("changed")
+    assert hashed == ["model.safetensors"] and changed["sha256"] == _sha(weights) != first["sha256"]
+
+    monkeypatch.setenv(hashing.NO_CACHE_ENV, "1")
+    build("uncached")
+    assert hashed.count("model.safetensors") == 3 and hashed.count("config.json") == 3  # all of every source
+
+
 def _verify(*args):
     return CliRunner().invoke(cli, ["verify", *map(str, args)])
 

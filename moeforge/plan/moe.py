@@ -39,6 +39,12 @@ class MoEPlan:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    def compute_values(self) -> None:
+        """Compute every deferred value (routers) now, in this thread."""
+        for t in self.tensors:
+            if isinstance(t.source, FromValue):
+                t.source.value()
+
 
 def noise_seed(seed: int, name: str) -> int:
     """A per-tensor seed, so noise does not depend on write order."""

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple, Union
+import threading
+from typing import Callable, Optional, Tuple, Union
 
 from moeforge.sources.checkpoint import DTYPES, Checkpoint
 
@@ -170,9 +171,55 @@ class _RowStream:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FromValue:
-    """A tensor computed before writing (router weights, zero biases); small by construction."""
+    """A tensor computed by moeforge (router weights, zero biases); small by construction."""
 
-    tensor: object  # torch.Tensor
+    tensor: object  # torch.Tensor, or a Deferred computed when it is first needed
+
+    def value(self):
+        return self.tensor.value() if isinstance(self.tensor, Deferred) else self.tensor
+
+
+class Deferred:
+    """A small tensor whose shape is known before its values (router weights).
+
+    Indexing gives another Deferred, so a plan can be made, sized and its shard headers written before the
+    values exist: the writer starts copying while the routers are computed (and `moeforge plan` computes
+    nothing at all). `value()` computes once, whichever thread asks first; an error is re-raised to every
+    caller.
+    """
+
+    def __init__(self, shape: Tuple[int, ...], compute: Callable[[], object]):
+        self.shape = tuple(int(d) for d in shape)
+        self._compute = compute
+        self._lock = threading.Lock()
+        self._value = None
+        self._error: Optional[BaseException] = None
+
+    def __getitem__(self, index: int) -> "Deferred":
+        if not isinstance(index, int) or not -self.shape[0] <= index < self.shape[0]:
+            raise IndexError(f"index {index!r} for a deferred tensor of shape {self.shape}")
+        return Deferred(self.shape[1:], lambda: self.value()[index])
+
+    def map(self, shape: Tuple[int, ...], fn: Callable[[object], object]) -> "Deferred":
+        return Deferred(shape, lambda: fn(self.value()))
+
+    def contiguous(self) -> "Deferred":
+        return self
+
+    def value(self):
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if self._value is None:
+                try:
+                    value = self._compute()
+                    if tuple(value.shape) != self.shape:
+                        raise AssertionError(f"computed shape {tuple(value.shape)}, planned {self.shape}")
+                    self._value = value.contiguous()
+                except BaseException as e:
+                    self._error = e
+                    raise
+            return self._value
 
 
 @dataclasses.dataclass(frozen=True)

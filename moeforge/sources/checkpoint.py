@@ -61,6 +61,31 @@ class TensorRef:
         return n
 
 
+def read_rows(ref: TensorRef, start: int, stop: int):
+    """Rows of a safetensors tensor, read into a fresh buffer. Pages of a memory map stay mapped and count in
+    RSS until the file is closed; read pages never do, so converting a large model stays small."""
+    import torch
+
+    start, stop = max(0, start), min(stop, ref.shape[0])
+    row_bytes = ref.nbytes // max(ref.shape[0], 1)
+    shape = (max(0, stop - start), *ref.shape[1:])
+    buf = bytearray(shape[0] * row_bytes)
+    view = memoryview(buf)
+    try:
+        with open(ref.file, "rb", buffering=0) as f:
+            f.seek(ref.start + start * row_bytes)
+            while view:
+                got = f.readinto(view)
+                if not got:
+                    raise SourceError(f"{ref.file}: tensor {ref.name!r} ends early (file truncated?)")
+                view = view[got:]
+    except OSError as e:
+        raise SourceError(f"{ref.file}: cannot read ({e.strerror or e})") from None
+    if not buf:
+        return torch.empty(shape, dtype=getattr(torch, DTYPES[ref.dtype][0]))
+    return torch.frombuffer(buf, dtype=getattr(torch, DTYPES[ref.dtype][0])).reshape(shape)
+
+
 def read_safetensors_header(path: Path) -> Dict[str, TensorRef]:
     """Parse and check one file's header: every range inside the file, no overlaps past the end."""
     try:
@@ -220,12 +245,12 @@ class Checkpoint:
         return self._load_stored(ref)
 
     def load_rows(self, name: str, start: int, stop: int):
+        """Rows [start, stop) of a tensor, reading only those bytes."""
         ref = self.ref(name)
-        start, stop = start + ref.row0, min(stop, ref.shape[0] if ref.shape else 1) + ref.row0
-        if ref.start is None or len(ref.shape) == 0:
-            t = self._load_stored(ref)
-            return t if len(ref.shape) == 0 else t[start:stop]
-        return self._safe_open(ref.file).get_slice(ref.name)[start:stop]
+        if ref.start is not None and ref.shape:
+            return read_rows(ref, start, stop)
+        t = self._load_stored(ref)
+        return t if len(ref.shape) == 0 else t[ref.row0 + start:ref.row0 + min(stop, ref.shape[0])]
 
     def _load_stored(self, ref: TensorRef):
         if self._fetch is not None:

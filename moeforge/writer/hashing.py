@@ -4,12 +4,16 @@ Bytes copied with copy_file_range never pass through Python, so they are hashed 
 page cache. hashlib releases the GIL, so that read overlaps the copy instead of adding to it:
 - each output shard is hashed while it is being appended to (`ShardFollower`), so when the last byte is
   written only the last chunk is left to hash, whatever the shard size;
-- source files are hashed on another thread (`FileHasher`). Files in the Hugging Face cache are not read at
-  all: the cache names each large file's blob by its sha256 (the Hub's LFS object id).
+- source files are hashed on another thread (`FileHasher`), once: `SourceHashCache` remembers each digest
+  across builds, so rebuilding from the same experts (another gate mode, other prompts) reads none of them
+  again. Files in the Hugging Face cache are not read at all: the cache names each large file's blob by its
+  sha256 (the Hub's LFS object id).
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import queue
 import re
@@ -17,7 +21,12 @@ import threading
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+log = logging.getLogger("moeforge")
+
 CHUNK = 8 * 1024 * 1024
+CACHE_DIR_ENV = "MOEFORGE_CACHE_DIR"
+NO_CACHE_ENV = "MOEFORGE_NO_HASH_CACHE"
+CACHE_ENTRIES = 4096  # the most recent are kept
 _SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
 Callback = Callable[[Path, str], None]
 
@@ -52,6 +61,77 @@ def file_identity(path: Path) -> dict:
     """Cheap identity of a file (follows symlinks, as the Hugging Face cache uses them)."""
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def stat_identity(path: Path) -> dict:
+    """What changes whenever a file's bytes can have: the file itself (device, inode), its size, and its
+    modification and change times (ctime cannot be set back by the user), as git's index trusts."""
+    st = os.stat(path)
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeforge"
+
+
+class SourceHashCache:
+    """sha256 of source files from earlier builds, valid while `stat_identity` is unchanged.
+
+    A cache, never a source of errors: an unreadable or unwritable file means hashing again. Off with
+    MOEFORGE_NO_HASH_CACHE=1.
+    """
+
+    def __init__(self, path: Optional[Path] = None):
+        self.enabled = not os.environ.get(NO_CACHE_ENV)
+        self.path = Path(path) if path is not None else cache_dir() / "source-sha256.json"
+        self._new: Dict[str, dict] = {}
+        self._entries = self._read() if self.enabled else {}
+
+    def get(self, path: Path) -> Optional[str]:
+        rec = self._entries.get(os.path.realpath(path))
+        if rec is None or not self.enabled:
+            return None
+        try:
+            ident = stat_identity(path)
+        except OSError:
+            return None
+        return rec.get("sha256") if {k: rec.get(k) for k in ident} == ident else None
+
+    def put(self, path: Path, ident: dict, digest: str) -> None:
+        """`ident`: the file's identity from before it was hashed; kept only if the file did not change since."""
+        try:
+            if stat_identity(path) != ident:
+                return
+        except OSError:
+            return
+        self._new[os.path.realpath(path)] = {**ident, "sha256": digest}
+
+    def save(self) -> None:
+        """Merge this build's digests into the file (atomically: concurrent builds lose entries, never the file)."""
+        if not self.enabled or not self._new:
+            return
+        entries = self._read()
+        for key, rec in self._new.items():
+            entries.pop(key, None)
+            entries[key] = rec
+        entries = dict(list(entries.items())[-CACHE_ENTRIES:])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(entries), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.debug("source hash cache %s not saved (%s)", self.path, e)
+
+    def _read(self) -> Dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
 
 class _Worker:

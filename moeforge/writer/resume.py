@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +23,15 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional
 
 from moeforge._version import __version__
 from moeforge.errors import ConfigError, Interrupted, MoeforgeError
-from moeforge.writer.hashing import FileHasher, ShardFollower, file_identity, known_sha256, sha256_file
+from moeforge.writer.hashing import (
+    FileHasher,
+    ShardFollower,
+    SourceHashCache,
+    file_identity,
+    known_sha256,
+    sha256_file,
+    stat_identity,
+)
 from moeforge.writer.manifest import MANIFEST, source_files, write_manifest
 from moeforge.writer.output_dir import commit_output, fsync_dir
 
@@ -81,9 +90,11 @@ class BuildSession:
         self._lock = threading.Lock()
         self._dir_fd: Optional[int] = None
         self._files: Optional[FileHasher] = None
+        self._hash_cache: Optional[SourceHashCache] = None
         self._shards: Optional[ShardFollower] = None
         self._output_hashes: Dict[str, str] = {}
         self._shards_done = 0
+        self.stopping = threading.Event()  # set when the build is interrupted: the writer stops
 
     # ---- before anything is written ---------------------------------------------------------------
     @classmethod
@@ -201,7 +212,7 @@ class BuildSession:
         hold = os.environ.get(HOLD_ENV)
         if hold and self._shards_done >= int(hold):
             self._shards.wait()
-            while True:  # a test kills us here
+            while not self.stopping.is_set():  # a test kills or interrupts us here
                 time.sleep(0.05)
 
     def _record_shard(self, path: Path, digest: str) -> None:
@@ -215,16 +226,21 @@ class BuildSession:
         if not self.inputs.options.hash_sources:
             return
         known = self.state.setdefault("sources", {})
+        self._hash_cache = SourceHashCache()
         for files in source_files(self.inputs).values():
             for path in files.values():
                 rec = known.get(str(path))
                 if rec is not None and {k: rec.get(k) for k in ("size", "mtime_ns")} == file_identity(path):
                     continue
-                digest = known_sha256(path)
+                digest = known_sha256(path) or self._hash_cache.get(path)
                 if digest is not None:
                     self._record_source(path, digest)
                 else:
-                    self._files.submit(path, self._record_source)
+                    self._files.submit(path, functools.partial(self._hashed_source, stat_identity(path)))
+
+    def _hashed_source(self, ident: dict, path: Path, digest: str) -> None:
+        self._hash_cache.put(path, ident, digest)
+        self._record_source(path, digest)
 
     def _record_source(self, path: Path, digest: str) -> None:
         with self._lock:
@@ -234,6 +250,8 @@ class BuildSession:
         """Last step before the rename: sha256 of every file now in `tmp`, and of the sources."""
         self._shards.wait()
         self._files.wait()
+        if self._hash_cache is not None:
+            self._hash_cache.save()
         outputs = {}
         for p in sorted(tmp.iterdir()):
             if p.name in (STATE, MANIFEST) or not p.is_file():

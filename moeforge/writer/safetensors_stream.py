@@ -1,24 +1,34 @@
 """A streaming safetensors writer.
 
 Headers are computed from the plan, so each shard is written front to back exactly once. Tensors whose
-bytes are unchanged are copied file to file (copy_file_range, no Python buffers); others are converted
-in bounded row chunks. Memory does not grow with model or shard size.
+bytes are unchanged are copied file to file (copy_file_range: no Python buffers, the GIL released), with
+the next source ranges prefetched and the output written back while the copy goes on; others are
+converted in bounded row chunks. Memory does not grow with model or shard size.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from moeforge.checks.finite import check_converted_chunk
-from moeforge.errors import MoeforgeError
+from moeforge.errors import Interrupted, MoeforgeError
 from moeforge.plan.tensors import FromValue, PlannedTensor
 from moeforge.sources.checkpoint import DTYPES
 
-CHUNK_BYTES = 64 * 1024 * 1024
+CHUNK_BYTES = 64 * 1024 * 1024  # float32 working set of one conversion chunk
+COPY_STEP = 256 * 1024 * 1024  # bytes per copy_file_range call: how soon a stop is noticed
+FLUSH_EVERY = 1024 * 1024 * 1024  # write back this much while copying
+PREFETCH_BYTES = 256 * 1024 * 1024  # source bytes asked for ahead of the copy
 _HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
+_HAS_FADVISE = hasattr(os, "posix_fadvise")
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has none
+# copy_file_range errors that mean "not here": fall back to reads and writes
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 @dataclasses.dataclass
@@ -58,14 +68,20 @@ def encode_header(tensors: Sequence[PlannedTensor], metadata: Optional[dict] = N
     return len(raw).to_bytes(8, "little") + raw
 
 
+def data_order(shard: Sequence[PlannedTensor]) -> List[PlannedTensor]:
+    """Byte copies first, computed tensors (routers, conversions) last: the writer copies while the routers
+    are still being computed, and reaches them at the end of the shard. Readers go by `data_offsets`."""
+    return [t for t in shard if t.raw_range() is not None] + [t for t in shard if t.raw_range() is None]
+
+
 def write_sharded(out_dir: Path, tensors: Sequence[PlannedTensor], max_shard_bytes: int, progress=None,
-                  journal=None) -> ShardedWriteResult:
+                  journal=None, stop: Optional[threading.Event] = None) -> ShardedWriteResult:
     """`journal` (writer.resume.BuildSession): `begin(path)` is True for a verified shard to skip;
-    `completed(path)` follows each shard written."""
-    shards = split_shards(tensors, max_shard_bytes)
+    `completed(path)` follows each shard written. `stop`, when set, ends the write early (Interrupted)."""
+    shards = [data_order(s) for s in split_shards(tensors, max_shard_bytes)]
     names = shard_names(len(shards))
     weight_map: Dict[str, str] = {}
-    with _Copier() as copier:
+    with _Copier(stop) as copier:
         for name, shard in zip(names, shards):
             path = out_dir / name
             if journal is not None and journal.begin(path):
@@ -106,15 +122,20 @@ def verify_shards(out_dir: Path, shards, names) -> None:
 
 
 class _Copier:
-    """Owns read-only source descriptors for the duration of a write."""
+    """Owns read-only source descriptors and the write-back thread for the duration of a write."""
 
-    def __init__(self):
+    def __init__(self, stop: Optional[threading.Event] = None):
         self._fds: Dict[Path, int] = {}
+        self._stop = stop or threading.Event()
+        self._use_copy_file_range = _HAS_COPY_FILE_RANGE
+        self._flusher: Optional[_Flusher] = None
 
     def __enter__(self):
+        self._flusher = _Flusher()
         return self
 
     def __exit__(self, *exc):
+        self._flusher.stop()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -123,48 +144,142 @@ class _Copier:
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            if _HAS_FADVISE:  # larger readahead when the source is not in the page cache, as cp does
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return fd
 
     def write_shard(self, path: Path, shard: Sequence[PlannedTensor], progress, metadata=None) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, encode_header(shard, metadata))
+            ranges = [(t.source.ref.file, t.raw_range()) for t in shard if t.raw_range() is not None]
+            prefetch = _Prefetcher(ranges, self._src_fd)
+            unflushed = 0
             for t in shard:
+                self._check_stop()
                 raw = t.raw_range()
                 if raw is not None:
+                    prefetch.next()
                     path_in = t.source.ref.file
                     self._copy_range(self._src_fd(path_in), fd, raw[0], raw[1] - raw[0], path_in)
                 else:
                     for chunk in _converted_chunks(t):
                         check_converted_chunk(chunk, t)  # NaN/Inf stop the build (checks/finite.py)
                         _write_all(fd, chunk)
+                        self._check_stop()
                 if progress is not None:
                     progress.update(t.nbytes)
+                unflushed += t.nbytes
+                if unflushed >= FLUSH_EVERY:
+                    self._flusher.request(fd)
+                    unflushed = 0
+            self._flusher.forget(fd)
             os.fsync(fd)
         except OSError as e:
             raise MoeforgeError(f"{path}: write failed ({e.strerror or e})") from None
         finally:
+            self._flusher.forget(fd)
             os.close(fd)
 
-    @staticmethod
-    def _copy_range(src: int, dst: int, offset: int, count: int, src_path: Path) -> None:
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise Interrupted()
+
+    def _copy_range(self, src: int, dst: int, offset: int, count: int, src_path: Path) -> None:
         done = 0
-        if _HAS_COPY_FILE_RANGE:
+        if self._use_copy_file_range:
             try:
                 while done < count:
-                    n = os.copy_file_range(src, dst, count - done, offset + done)
+                    n = os.copy_file_range(src, dst, min(COPY_STEP, count - done), offset + done)
                     if n == 0:
                         raise MoeforgeError(f"{src_path}: ended early while copying (file truncated?)")
                     done += n
+                    self._check_stop()
                 return
-            except OSError:
-                pass  # other filesystem or kernel: fall back to plain reads; dst position is still consistent
+            except OSError as e:
+                if e.errno not in _NO_COPY_FILE_RANGE:
+                    raise
+                # not on this filesystem or kernel: plain reads from here on; dst's position is still consistent
+                self._use_copy_file_range = False
         while done < count:
             buf = os.pread(src, min(CHUNK_BYTES, count - done), offset + done)
             if not buf:
                 raise MoeforgeError(f"{src_path}: ended early while copying (file truncated?)")
             _write_all(dst, buf)
             done += len(buf)
+            self._check_stop()
+
+
+class _Prefetcher:
+    """Asks the kernel to read the next PREFETCH_BYTES of source ranges while the current one is copied, so
+    disk reads overlap the copy when the sources are not cached (no effect on a warm cache)."""
+
+    def __init__(self, ranges, fd_of):
+        self._ranges, self._fd_of = ranges, fd_of
+        self._current = -1  # index of the range being copied
+        self._asked = 0  # ranges before this index were asked for
+
+    def next(self) -> None:
+        self._current += 1
+        if not _HAS_FADVISE:
+            return
+        ahead = sum(r[1] - r[0] for _, r in self._ranges[self._current + 1:self._asked])
+        self._asked = max(self._asked, self._current + 1)
+        while self._asked < len(self._ranges) and ahead < PREFETCH_BYTES:
+            file, (start, end) = self._ranges[self._asked]
+            os.posix_fadvise(self._fd_of(file), start, end - start, os.POSIX_FADV_WILLNEED)
+            ahead += end - start
+            self._asked += 1
+
+
+class _Flusher:
+    """Writes back the output's dirty pages (fdatasync) on its own thread while the copy goes on, so the
+    fsync that ends each shard waits for little, and dirty pages never pile up to the kernel's limits."""
+
+    def __init__(self):
+        self._wanted: List[int] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._busy: Optional[int] = None
+        self._thread = threading.Thread(target=self._run, name="moeforge-flush", daemon=True)
+        self._thread.start()
+
+    def request(self, fd: int) -> None:
+        with self._cond:
+            if fd not in self._wanted:
+                self._wanted.append(fd)
+                self._cond.notify_all()
+
+    def forget(self, fd: int) -> None:
+        """Before closing `fd`: drop its pending request and wait for a flush of it in progress."""
+        with self._cond:
+            if fd in self._wanted:
+                self._wanted.remove(fd)
+            while self._busy == fd:
+                self._cond.wait()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._wanted.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._wanted and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                fd = self._busy = self._wanted.pop(0)
+            try:
+                _fdatasync(fd)
+            except OSError:
+                pass  # the fsync that ends the shard reports real errors
+            with self._cond:
+                self._busy = None
+                self._cond.notify_all()
 
 
 def _write_all(fd: int, data) -> None:
@@ -186,7 +301,7 @@ def _converted_chunks(t: PlannedTensor):
     out_dtype = getattr(torch, DTYPES[t.dtype][0])
     src = t.source
     if isinstance(src, FromValue):
-        yield _as_bytes(src.tensor.to(out_dtype))
+        yield _as_bytes(src.value().to(out_dtype))
         return
     for x in src.tensors(CHUNK_BYTES):
         yield _as_bytes(x.to(out_dtype))
