@@ -295,7 +295,7 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -
     from moeforge.checks.disk import check_free_space, output_bytes
     from moeforge.checks.finite import scan_raw_copies
     from moeforge.writer import write_sharded
-    from moeforge.writer.background import BackgroundWrite
+    from moeforge.writer.background import Background
     from moeforge.writer.resume import BuildSession
 
     opts = inputs.options
@@ -307,13 +307,10 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -
     session.discard_stale()
     check_free_space(out_dir, output_bytes(plan, inputs.base.path, side_names) - session.reusable_bytes())
     with session.partial_dir() as tmp:
-        with tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar, \
-                BackgroundWrite(write_sharded, tmp, plan.tensors, max_shard, bar, journal=session,
-                                stop=session.stopping) as writing:
-            plan.compute_values()  # the routers not computed yet, while the writer copies
-            for write_side_file in SIDE_FILES:
-                write_side_file(tmp, inputs, plan)
-            written = writing.result()
+        with Background(_computed_parts, inputs, plan, tmp) as computed, \
+                tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
+            written = write_sharded(tmp, plan.tensors, max_shard, bar, journal=session)
+            computed.result()
         session.write_manifest(tmp)
     result = BuildResult(
         out_dir, inputs.layout.name, inputs.layout_inferred, len(inputs.experts), inputs.experts_per_token,
@@ -321,6 +318,13 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -
     )
     log.info(result.summary())
     return result
+
+
+def _computed_parts(inputs: Inputs, plan: "MoEPlan", tmp: Path) -> None:
+    """The routers not computed yet and the side files, on a helper thread while the shards are copied."""
+    plan.compute_values()
+    for write_side_file in SIDE_FILES:
+        write_side_file(tmp, inputs, plan)
 
 
 def write_checkpoint(out_dir: Path, tensors, shard_bytes: int, opts: BuildOptions, side_files):

@@ -139,3 +139,41 @@ def test_failed_write_leaves_nothing(reference, models, tmp_path):
     assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "model-00001-of-" in lines[0] and "write failed (File too large)" in lines[0]
     assert not out.exists() and partial_dirs(out) == []
+
+
+def test_a_router_failure_while_copying_stops_the_writer_and_leaves_nothing(models, tmp_path, monkeypatch):
+    """Random routers are computed while the writer copies; when that fails, the copy stops, and the error is
+    the one the user sees."""
+    import moeforge.gates
+    from moeforge.errors import MoeforgeError
+
+    def failing(mode, inputs):
+        raise MoeforgeError("routers failed on purpose")
+
+    monkeypatch.setattr(moeforge.gates, "compute_gates", failing)
+    out = tmp_path / "out"
+    cfg = expert_config(models["base"], [models["code"], models["story"]], gate_mode="random")
+    with pytest.raises(MoeforgeError, match="on purpose"):
+        moeforge.build(cfg, out, out_shard_size="50KB", quiet=True)
+    assert not out.exists() and partial_dirs(out) == []
+
+
+def test_byte_copies_come_first_in_each_shard_and_load_by_offsets(models, tmp_path):
+    """Routers are written after the copied tensors of their shard; readers go by data_offsets."""
+    import struct
+
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    cfg = expert_config(models["base"], [models["code"], models["story"]], gate_mode="random", dtype=None)
+    moeforge.build(cfg, out, quiet=True)
+    raw = (out / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__")
+    by_offset = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    assert list(header) == by_offset  # the header lists tensors in data order
+    routers = [i for i, k in enumerate(by_offset) if k.endswith("block_sparse_moe.gate.weight")]
+    assert routers == list(range(len(by_offset) - len(routers), len(by_offset)))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(by_offset[-1]).abs().sum() > 0

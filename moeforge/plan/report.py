@@ -65,6 +65,14 @@ class PlanReport:
     def disk_ok(self) -> bool:
         return self.disk_free is None or self.disk_free >= self.output_bytes
 
+    @property
+    def _gates_when(self) -> str:
+        from moeforge.builder import OVERLAPPED_GATE_MODES
+
+        if self.gate_mode in OVERLAPPED_GATE_MODES:
+            return "while the unchanged bytes are copied"
+        return "before the shards are written; the base model is freed first"
+
     def lines(self) -> List[str]:
         from moeforge.builder import human
 
@@ -76,7 +84,7 @@ class PlanReport:
             ("sources", f"{len(self.sources)} model(s), checked from configs and headers: {', '.join(self.sources)}"),
             ("layout", f"{self.layout}: {self.num_experts} experts, top-{self.experts_per_token}, {self.num_layers} "
                        f"layers, hidden {self.hidden_size}, intermediate {self.intermediate_size}, {DTYPES[self.dtype][0]}"),
-            ("gates", f"{self.gate_mode} (computed before the shards are written)"),
+            ("gates", f"{self.gate_mode} (computed {self._gates_when})"),
             ("parameters", f"{human(self.total_params)} total, {human(self.active_params)} active per token"),
             ("shards", shard_lines[0]),
             *(("", line) for line in shard_lines[1:]),
@@ -131,14 +139,15 @@ def estimate_memory(inputs: "Inputs", plan: "MoEPlan") -> Dict[str, int]:
         working = max(working, need)
     gates = plan.num_layers * len(inputs.experts) * inputs.hidden_size * 4
     mode = inputs.config.gate_mode
-    if mode.startswith("hidden"):
+    runs_base = mode.startswith("hidden") or mode == "fitted"
+    if runs_base:
         bytes_per = DTYPES[{"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[inputs.options.hidden_dtype]][1]
         base_params = sum(ref.nbytes // DTYPES[ref.dtype][1] for ref in inputs.base.tensors.values())
         gates += base_params * bytes_per + TOKENIZER_BYTES
     elif mode == "cheap_embed":
         gates += TOKENIZER_BYTES
     return {"runtime": RUNTIME_BYTES, "conversion": working,
-            ("base model forward" if mode.startswith("hidden") else "gates"): gates}
+            ("base model forward" if runs_base else "gates"): gates}
 
 
 def _side_bytes(inputs: "Inputs") -> int:

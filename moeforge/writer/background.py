@@ -1,39 +1,38 @@
-"""The shard writer on its own thread, so the calling thread computes routers and side files meanwhile.
+"""Work on a helper thread while the calling thread writes.
 
-Copying releases the GIL (copy_file_range, fdatasync), and so do most of torch's kernels: on two cores the
-routers' imports and computation cost no wall time. Errors of either thread end both; the writer's are
-re-raised in the caller's thread, Ctrl-C and SIGTERM (which arrive there) stop the writer before they go on.
+The build computes its routers and side files here while the main thread copies: copying releases the GIL
+(copy_file_range, fdatasync), and so do most of torch's kernels, so the imports and the gate computation
+cost little wall time. The writer stays on the main thread on purpose: Ctrl-C and SIGTERM arrive there, in
+the middle of a copy or a wait, never inside an import running on the helper.
 """
 from __future__ import annotations
 
 import threading
 from typing import Any, Callable, Optional
 
+JOIN_ON_ERROR_S = 10.0  # after a failure, how long to let the helper finish before going on without it
 
-class BackgroundWrite:
-    """`with BackgroundWrite(write_sharded, ..., stop=event) as w: ...; result = w.result()`.
 
-    `fn` must accept `stop` (a threading.Event) and return soon after it is set.
-    """
+class Background:
+    """`with Background(fn, *args) as task: ...; task.result()`: fn's value, or its exception re-raised here."""
 
-    def __init__(self, fn: Callable[..., Any], *args, stop: Optional[threading.Event] = None, **kwargs):
-        self.stop = stop or threading.Event()
+    def __init__(self, fn: Callable[..., Any], *args, **kwargs):
         self._result: Any = None
         self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args, {**kwargs, "stop": self.stop}),
-                                        name="moeforge-write", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), name="moeforge-helper",
+                                        daemon=True)
 
-    def __enter__(self) -> "BackgroundWrite":
+    def __enter__(self) -> "Background":
         self._thread.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:  # the caller failed or was interrupted: stop the writer, then go on raising
-            self.stop.set()
-            self._join()
+        if exc_type is not None:  # the caller failed or was interrupted; an import cannot be cut short
+            self._thread.join(JOIN_ON_ERROR_S)
 
     def result(self) -> Any:
-        self._join()
+        while self._thread.is_alive():  # a timed join, so Ctrl-C still reaches the waiting thread
+            self._thread.join(0.05)
         if self._error is not None:
             raise self._error
         return self._result
@@ -43,8 +42,3 @@ class BackgroundWrite:
             self._result = fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
             self._error = e
-            self.stop.set()
-
-    def _join(self) -> None:
-        while self._thread.is_alive():  # a timed join, so Ctrl-C still reaches the waiting thread
-            self._thread.join(0.05)

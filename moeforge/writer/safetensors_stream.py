@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from moeforge.checks.finite import check_converted_chunk
-from moeforge.errors import Interrupted, MoeforgeError
+from moeforge.errors import MoeforgeError
 from moeforge.plan.tensors import FromValue, PlannedTensor
 from moeforge.sources.checkpoint import DTYPES
 
 CHUNK_BYTES = 64 * 1024 * 1024  # float32 working set of one conversion chunk
-COPY_STEP = 256 * 1024 * 1024  # bytes per copy_file_range call: how soon a stop is noticed
+COPY_STEP = 256 * 1024 * 1024  # bytes per copy_file_range call: how soon Ctrl-C is noticed
 FLUSH_EVERY = 1024 * 1024 * 1024  # write back this much while copying
 PREFETCH_BYTES = 256 * 1024 * 1024  # source bytes asked for ahead of the copy
 _HAS_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
@@ -75,13 +75,13 @@ def data_order(shard: Sequence[PlannedTensor]) -> List[PlannedTensor]:
 
 
 def write_sharded(out_dir: Path, tensors: Sequence[PlannedTensor], max_shard_bytes: int, progress=None,
-                  journal=None, stop: Optional[threading.Event] = None) -> ShardedWriteResult:
+                  journal=None) -> ShardedWriteResult:
     """`journal` (writer.resume.BuildSession): `begin(path)` is True for a verified shard to skip;
-    `completed(path)` follows each shard written. `stop`, when set, ends the write early (Interrupted)."""
+    `completed(path)` follows each shard written."""
     shards = [data_order(s) for s in split_shards(tensors, max_shard_bytes)]
     names = shard_names(len(shards))
     weight_map: Dict[str, str] = {}
-    with _Copier(stop) as copier:
+    with _Copier() as copier:
         for name, shard in zip(names, shards):
             path = out_dir / name
             if journal is not None and journal.begin(path):
@@ -94,7 +94,7 @@ def write_sharded(out_dir: Path, tensors: Sequence[PlannedTensor], max_shard_byt
             weight_map.update({t.name: name for t in shard})
     result = ShardedWriteResult(names, weight_map, sum(t.nbytes for t in tensors))
     if len(names) > 1:
-        index = {"metadata": {"total_size": result.total_size}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": result.total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     verify_shards(out_dir, shards, names)
     return result
@@ -124,9 +124,8 @@ def verify_shards(out_dir: Path, shards, names) -> None:
 class _Copier:
     """Owns read-only source descriptors and the write-back thread for the duration of a write."""
 
-    def __init__(self, stop: Optional[threading.Event] = None):
+    def __init__(self):
         self._fds: Dict[Path, int] = {}
-        self._stop = stop or threading.Event()
         self._use_copy_file_range = _HAS_COPY_FILE_RANGE
         self._flusher: Optional[_Flusher] = None
 
@@ -156,7 +155,6 @@ class _Copier:
             prefetch = _Prefetcher(ranges, self._src_fd)
             unflushed = 0
             for t in shard:
-                self._check_stop()
                 raw = t.raw_range()
                 if raw is not None:
                     prefetch.next()
@@ -166,7 +164,6 @@ class _Copier:
                     for chunk in _converted_chunks(t):
                         check_converted_chunk(chunk, t)  # NaN/Inf stop the build (checks/finite.py)
                         _write_all(fd, chunk)
-                        self._check_stop()
                 if progress is not None:
                     progress.update(t.nbytes)
                 unflushed += t.nbytes
@@ -181,10 +178,6 @@ class _Copier:
             self._flusher.forget(fd)
             os.close(fd)
 
-    def _check_stop(self) -> None:
-        if self._stop.is_set():
-            raise Interrupted()
-
     def _copy_range(self, src: int, dst: int, offset: int, count: int, src_path: Path) -> None:
         done = 0
         if self._use_copy_file_range:
@@ -194,7 +187,6 @@ class _Copier:
                     if n == 0:
                         raise MoeforgeError(f"{src_path}: ended early while copying (file truncated?)")
                     done += n
-                    self._check_stop()
                 return
             except OSError as e:
                 if e.errno not in _NO_COPY_FILE_RANGE:
@@ -207,7 +199,6 @@ class _Copier:
                 raise MoeforgeError(f"{src_path}: ended early while copying (file truncated?)")
             _write_all(dst, buf)
             done += len(buf)
-            self._check_stop()
 
 
 class _Prefetcher:
