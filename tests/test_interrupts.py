@@ -177,3 +177,26 @@ def test_byte_copies_come_first_in_each_shard_and_load_by_offsets(models, tmp_pa
     assert routers == list(range(len(by_offset) - len(routers), len(by_offset)))
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_tensor(by_offset[-1]).abs().sum() > 0
+
+
+def test_without_copy_file_range_the_bytes_are_the_same(reference, monkeypatch, tmp_path):
+    """Filesystems or kernels that refuse copy_file_range get plain reads and writes, with the same output."""
+    import errno
+
+    from moeforge.writer import safetensors_stream
+
+    cfg = yaml.safe_load(reference[0].read_text())
+    cfg["dtype"] = None  # the toy models' own dtype: every expert tensor is a byte copy
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(safetensors_stream.os, "copy_file_range", refuse, raising=False)
+    monkeypatch.setattr(safetensors_stream, "_HAS_COPY_FILE_RANGE", True)
+    moeforge.build(cfg, tmp_path / "plain", random_seed=3, out_shard_size=SHARD, quiet=True)
+    monkeypatch.undo()
+    moeforge.build(cfg, tmp_path / "copied", random_seed=3, out_shard_size=SHARD, quiet=True)
+    assert len(calls) == 1  # refused once, not asked again for every tensor
+    assert _files(tmp_path / "plain") == _files(tmp_path / "copied")

@@ -35,11 +35,14 @@ def test_plan_matches_what_build_writes(models, out):
     assert report.disk_free is not None and report.disk_ok
 
 
-def test_plan_reads_no_tensor_data_and_imports_no_torch(models, tmp_path):
-    """Planning touches headers only: no gate is computed, no tensor data is read, transformers is never
-    imported (torch is: router placeholders are zero tensors)."""
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen"])  # qwen: zero q/k/v biases are planned too
+def test_plan_reads_no_tensor_data_and_imports_no_torch(models, tmp_path, architecture):
+    """Planning touches headers only: no gate is computed, no tensor data is read, and neither torch nor
+    transformers is imported (routers and zero fills are planned by shape)."""
     cfg = tmp_path / "moe.yml"
-    cfg.write_text(yaml.safe_dump(expert_config(models["base"], [models["code"], models["story"]], gate_mode="hidden")))
+    shared = [{"source_model": models["base"], "positive_prompts": ["hello"]}] if architecture == "qwen" else []
+    cfg.write_text(yaml.safe_dump(expert_config(models["base"], [models["code"], models["story"]], gate_mode="hidden",
+                                                architecture=architecture, shared_experts=shared)))
     code = (
         "import sys, moeforge.builder as b, moeforge.gates as g, moeforge.sources.checkpoint as c\n"
         "def boom(*a, **k): raise AssertionError('computed routers or read tensor data')\n"
@@ -47,7 +50,7 @@ def test_plan_reads_no_tensor_data_and_imports_no_torch(models, tmp_path):
         "c.Checkpoint.load = c.Checkpoint.load_rows = boom\n"
         f"r = b.dry_run({str(cfg)!r})\n"
         "assert r.total_params > 0 and r.memory['base model forward'] > 0\n"
-        "heavy = [m for m in ('transformers',) if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 from typing import TYPE_CHECKING, List, Optional, Tuple
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 from moeforge.families.base import MLP_ROLES, layer_of
 from moeforge.layouts.base import MoEShape
 from moeforge.errors import SourceError
-from moeforge.plan.tensors import FromConcat, FromSource, FromValue, PlannedTensor, output_dtype
+from moeforge.plan.tensors import Deferred, FromConcat, FromSource, FromValue, PlannedTensor, output_dtype
 
 if TYPE_CHECKING:
     from moeforge.builder import Inputs
@@ -141,8 +142,6 @@ def _value(name: str, tensor, out_dtype: str) -> PlannedTensor:
 
 
 def _zero_fills(inputs: "Inputs") -> List[PlannedTensor]:
-    import torch
-
     missing = inputs.layout.required_features - inputs.family.features(inputs.base)
     fills = []
     for feature in sorted(missing):
@@ -151,5 +150,12 @@ def _zero_fills(inputs: "Inputs") -> List[PlannedTensor]:
         for layer in range(inputs.num_layers):
             for proj in _ZERO_FILLS[feature]:
                 rows = inputs.base.ref(f"model.layers.{layer}.self_attn.{proj}.weight").shape[0]
-                fills.append(_value(f"model.layers.{layer}.self_attn.{proj}.bias", torch.zeros(rows), inputs.out_dtype))
+                zeros = Deferred((rows,), functools.partial(_zeros, rows))  # planning imports no torch
+                fills.append(_value(f"model.layers.{layer}.self_attn.{proj}.bias", zeros, inputs.out_dtype))
     return fills
+
+
+def _zeros(rows: int):
+    import torch
+
+    return torch.zeros(rows)

@@ -170,7 +170,6 @@ class _Copier:
                 if unflushed >= FLUSH_EVERY:
                     self._flusher.request(fd)
                     unflushed = 0
-            self._flusher.forget(fd)
             os.fsync(fd)
         except OSError as e:
             raise MoeforgeError(f"{path}: write failed ({e.strerror or e})") from None
@@ -206,20 +205,23 @@ class _Prefetcher:
     disk reads overlap the copy when the sources are not cached (no effect on a warm cache)."""
 
     def __init__(self, ranges, fd_of):
-        self._ranges, self._fd_of = ranges, fd_of
+        self._ranges = ranges if _HAS_FADVISE else []
+        self._fd_of = fd_of
         self._current = -1  # index of the range being copied
         self._asked = 0  # ranges before this index were asked for
+        self._ahead = 0  # bytes asked for and not copied yet
 
     def next(self) -> None:
+        """Call before copying each range, in order."""
         self._current += 1
-        if not _HAS_FADVISE:
-            return
-        ahead = sum(r[1] - r[0] for _, r in self._ranges[self._current + 1:self._asked])
+        if self._current < self._asked:
+            start, end = self._ranges[self._current][1]
+            self._ahead -= end - start
         self._asked = max(self._asked, self._current + 1)
-        while self._asked < len(self._ranges) and ahead < PREFETCH_BYTES:
+        while self._asked < len(self._ranges) and self._ahead < PREFETCH_BYTES:
             file, (start, end) = self._ranges[self._asked]
             os.posix_fadvise(self._fd_of(file), start, end - start, os.POSIX_FADV_WILLNEED)
-            ahead += end - start
+            self._ahead += end - start
             self._asked += 1
 
 
