@@ -107,7 +107,7 @@ class SourceHashCache:
 
     def get(self, path: Path) -> Optional[str]:
         rec = self._entries.get(os.path.realpath(path))
-        if rec is None or not self.enabled:
+        if rec is None:
             return None
         try:
             ident = stat_identity(path)
