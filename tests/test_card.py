@@ -1,7 +1,7 @@
 """The model card (README.md): written by every build, parsed back with huggingface_hub's ModelCard."""
 import pytest
 from conftest import CODE, STORY, expert_config
-from hub_fakes import hub_cache
+from hub_cache import hub_cache
 
 APACHE = "---\nlicense: apache-2.0\nlanguage: en\n---\n# a model\n"
 
