@@ -293,7 +293,6 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -
     from tqdm.auto import tqdm
 
     from moeforge.checks.disk import check_free_space, output_bytes
-    from moeforge.checks.finite import scan_raw_copies
     from moeforge.writer import write_sharded
     from moeforge.writer.background import Background
     from moeforge.writer.resume import BuildSession
@@ -302,8 +301,6 @@ def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -
     max_shard = shard_bytes(inputs)
     session = session or BuildSession.open(out_dir, inputs)
     side_names = ["generation_config.json"] + (list(TOKENIZER_FILES) if opts.copy_tokenizer else [])
-    if opts.check_finite:
-        scan_raw_copies(plan.tensors)
     session.discard_stale()
     check_free_space(out_dir, output_bytes(plan, inputs.base.path, side_names) - session.reusable_bytes())
     with session.partial_dir() as tmp:

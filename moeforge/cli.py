@@ -57,7 +57,7 @@ def output_options(fn):
         click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the new build is complete)."),
         click.option("--resume", is_flag=True, help="Continue an interrupted build of the same inputs, reusing its verified shards."),
         click.option("--hash-sources/--no-hash-sources", default=True, show_default=True, help="Record sha256 of every source file in the manifest (off: size and mtime)."),
-        click.option("--check-finite", is_flag=True, help="Also scan tensors copied byte for byte for NaN/Inf (one extra read)."),
+        click.option("--check-finite/--no-check-finite", default=True, show_default=True, help="Stop on NaN/Inf in any source tensor (checked while each source is read for its sha256)."),
         click.option("--push-to-hub", metavar="ORG/NAME", default=None, help="After the build, upload OUT to this Hub repo (see `moeforge upload`)."),
         click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
         click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors."),

@@ -26,7 +26,7 @@ class BuildOptions:
     overwrite: bool = False
     resume: bool = False  # reuse the completed shards of an interrupted build of the same inputs
     hash_sources: bool = True  # sha256 of every source file in the manifest (off: size and mtime only)
-    check_finite: bool = False  # also scan byte-copied tensors for NaN/Inf (converted ones are always checked)
+    check_finite: bool = True  # stop on NaN/Inf in any source tensor, checked in the sha256 pass (checks/finite.py)
     quiet: bool = False
     verbose: bool = False
     push_to_hub: Optional[str] = None  # org/name: upload OUT after a successful build

@@ -71,6 +71,7 @@ def edit_config(model_dir: Path, **changes):
 
 
 MLP_UP = "model.layers.1.mlp.up_proj.weight"
+DOWN = "model.layers.0.mlp.down_proj.weight"
 
 
 # ---- config: typos, wrong types, impossible values -------------------------------------------------------
@@ -360,13 +361,32 @@ def nan_in_a_converted_tensor(c):
     return c.build(c.cfg(experts=("code", "story"), dtype="bfloat16"), "--quiet")  # converted: always checked
 
 
+@case(2, "story", "model.safetensors", DOWN, "1 NaN/Inf", "nothing was written", "--no-check-finite")
+def nan_in_an_expert_down_proj(c):
+    def poison(t):
+        t[DOWN][2, 3] = float("nan")
+
+    edit_tensors(c.clone("story"), poison)
+    return c.build(c.cfg(experts=("code", "story"), dtype="float32"), "--quiet")  # copied byte for byte
+
+
+@case(2, "story", "model.safetensors", DOWN, "1 NaN/Inf")
+def inf_in_a_bfloat16_source(c):
+    def poison(t):
+        t.update({k: v.bfloat16() for k, v in t.items()})
+        t[DOWN][0, 1] = float("inf")
+
+    edit_tensors(c.clone("story"), poison)
+    return c.build(c.cfg(experts=("code", "story"), dtype="bfloat16"), "--quiet")
+
+
 @case(2, "story", MLP_UP, "2 NaN/Inf")
 def inf_in_a_copied_tensor_with_check_finite(c):
     def poison(t):
         t[MLP_UP][0, :2] = float("inf")
 
     edit_tensors(c.clone("story"), poison)
-    return c.build(c.cfg(experts=("code", "story"), dtype="float32"), "--check-finite")
+    return c.build(c.cfg(experts=("code", "story"), dtype="float32"), "--check-finite", "--quiet")  # the default
 
 
 @case(2, "dtype: float16 cannot hold", "overflow", "bfloat16 or float32")

@@ -68,8 +68,8 @@ def test_source_hashes_are_remembered_until_the_file_changes(models, tmp_path, m
     src = tmp_path / "story"
     shutil.copytree(models["story"], src)
     hashed = []
-    real = hashing.sha256_file
-    monkeypatch.setattr(hashing, "sha256_file", lambda p, stop=None: hashed.append(Path(p).name) or real(p, stop))
+    real = hashing.FileHasher.run  # reads source files
+    monkeypatch.setattr(hashing.FileHasher, "run", lambda self, p, *a: hashed.append(Path(p).name) or real(self, p, *a))
     cfg = expert_config(models["base"], [models["code"], str(src)], gate_mode="random")
 
     def build(name):

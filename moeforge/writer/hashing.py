@@ -4,10 +4,11 @@ Bytes copied with copy_file_range never pass through Python, so they are hashed 
 page cache. hashlib releases the GIL, so that read overlaps the copy instead of adding to it:
 - each output shard is hashed while it is being appended to (`ShardFollower`), so when the last byte is
   written only the last chunk is left to hash, whatever the shard size;
-- source files are hashed on another thread (`FileHasher`), once: `SourceHashCache` remembers each digest
-  across builds, so rebuilding from the same experts (another gate mode, other prompts) reads none of them
-  again. Files in the Hugging Face cache are not read at all: the cache names each large file's blob by its
-  sha256 (the Hub's LFS object id).
+- source files are read on another thread (`FileHasher`), once, for their sha256 and, in the same pass,
+  for NaN/Inf in their tensors (`visit`, checks/finite.py). `SourceHashCache` remembers both across builds,
+  so rebuilding from the same experts (another gate mode, other prompts) reads none of them again. Files in
+  the Hugging Face cache need no hashing (the cache names each large file's blob by its sha256, the Hub's
+  LFS object id); they are read once for the NaN/Inf check.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+from moeforge.errors import MoeforgeError
+
 log = logging.getLogger("moeforge")
 
 WINDOW = 64 * 1024 * 1024  # bytes hashed per memory map
@@ -30,6 +33,7 @@ NO_CACHE_ENV = "MOEFORGE_NO_HASH_CACHE"
 CACHE_ENTRIES = 4096  # the most recent are kept
 _SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
 Callback = Callable[[Path, str], None]
+Visit = Callable[[int, object], None]  # (file offset, window): every byte of a file, in order
 
 
 class HashStopped(Exception):
@@ -37,31 +41,42 @@ class HashStopped(Exception):
 
 
 def sha256_file(path: Path, stop: Optional[threading.Event] = None) -> str:
-    h = hashlib.sha256()
+    return read_once(path, stop)
+
+
+def read_once(path: Path, stop: Optional[threading.Event] = None, sha256: bool = True,
+              visit: Optional[Visit] = None) -> Optional[str]:
+    """One pass over a file: its sha256 (None when `sha256` is False) and `visit` called on every window."""
+    h = hashlib.sha256() if sha256 else None
     with open(path, "rb", buffering=0) as f:
         size, done = os.fstat(f.fileno()).st_size, 0
         while done < size:
             if stop is not None and stop.is_set():
                 raise HashStopped(str(path))
-            done += hash_window(h, f, done, min(WINDOW, size - done))
-    return h.hexdigest()
+            done += hash_window(h, f, done, min(WINDOW, size - done), visit)
+    return h.hexdigest() if h is not None else None
 
 
-def hash_window(h, f, offset: int, length: int) -> int:
+def hash_window(h, f, offset: int, length: int, visit: Optional[Visit] = None) -> int:
     """Hash `length` bytes of open file `f` from `offset` (a multiple of WINDOW, or 0). Through a memory map,
     unmapped at once (no copy into Python, about 25% less CPU than reads; RSS stays small); plain reads
-    where a file cannot be mapped."""
+    where a file cannot be mapped. `visit` must keep no reference to the window."""
     try:
-        with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=offset) as m:
-            h.update(m)
-        return length
+        m = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=offset)
     except (OSError, ValueError):
         f.seek(offset)
-        data = f.read(length)
-        if len(data) < length:
+        m = f.read(length)
+        if len(m) < length:
             raise OSError(f"{getattr(f, 'name', 'file')}: shorter than expected while hashing")
-        h.update(data)
-        return length
+    try:
+        if h is not None:
+            h.update(m)
+        if visit is not None:
+            visit(offset, m)
+    finally:
+        if isinstance(m, mmap.mmap):
+            m.close()
+    return length
 
 
 def known_sha256(path: Path) -> Optional[str]:
@@ -92,10 +107,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeforge"
 
 
-class SourceHashCache:
-    """sha256 of source files from earlier builds, valid while `stat_identity` is unchanged.
+FACTS = ("sha256", "nonfinite")  # what a read of a source file learns: its digest, NaN/Inf counts per tensor
 
-    A cache, never a source of errors: an unreadable or unwritable file means hashing again. Off with
+
+class SourceHashCache:
+    """What earlier builds learnt by reading source files (`FACTS`), valid while `stat_identity` is unchanged.
+    "nonfinite" is present only when every floating-point tensor of the file was checked.
+
+    A cache, never a source of errors: an unreadable or unwritable file means reading it again. Off with
     MOEFORGE_NO_HASH_CACHE=1.
     """
 
@@ -105,24 +124,25 @@ class SourceHashCache:
         self._new: Dict[str, dict] = {}
         self._entries = self._read() if self.enabled else {}
 
-    def get(self, path: Path) -> Optional[str]:
+    def get(self, path: Path) -> dict:
+        """The facts known about `path` as it is now (empty when none)."""
         rec = self._entries.get(os.path.realpath(path))
         if rec is None:
-            return None
+            return {}
         try:
             ident = stat_identity(path)
         except OSError:
-            return None
-        return rec.get("sha256") if {k: rec.get(k) for k in ident} == ident else None
+            return {}
+        return {k: rec[k] for k in FACTS if k in rec} if {k: rec.get(k) for k in ident} == ident else {}
 
-    def put(self, path: Path, ident: dict, digest: str) -> None:
-        """`ident`: the file's identity from before it was hashed; kept only if the file did not change since."""
+    def put(self, path: Path, ident: dict, facts: dict) -> None:
+        """`ident`: the file's identity from before it was read; kept only if the file did not change since."""
         try:
             if stat_identity(path) != ident:
                 return
         except OSError:
             return
-        self._new[os.path.realpath(path)] = {**ident, "sha256": digest}
+        self._new[os.path.realpath(path)] = {**ident, **{k: facts[k] for k in FACTS if k in facts}}
 
     def save(self) -> None:
         """Merge this build's digests into the file (atomically: concurrent builds lose entries, never the file)."""
@@ -184,7 +204,7 @@ class _Worker:
             self.stop.wait(0.02)
         if self._error is not None:
             error, self._error = self._error, None
-            if isinstance(error, OSError):
+            if isinstance(error, (OSError, MoeforgeError)):
                 raise error
             raise RuntimeError(f"hashing failed: {error}") from error
 
@@ -196,16 +216,16 @@ class _Worker:
 
 
 class FileHasher(_Worker):
-    """Whole files, one after the other."""
+    """Whole files, one after the other: `callback(path, sha256 or None)` after each."""
 
     def __init__(self):
         super().__init__("moeforge-hash-files")
 
-    def submit(self, path: Path, callback: Callback) -> None:
-        self._queue.put((Path(path), callback))
+    def submit(self, path: Path, callback: Callback, sha256: bool = True, visit: Optional[Visit] = None) -> None:
+        self._queue.put((Path(path), callback, sha256, visit))
 
-    def run(self, path: Path, callback: Callback) -> None:
-        callback(path, sha256_file(path, self.stop))
+    def run(self, path: Path, callback: Callback, sha256: bool, visit: Optional[Visit]) -> None:
+        callback(path, read_once(path, self.stop, sha256, visit))
 
 
 class ShardFollower(_Worker):

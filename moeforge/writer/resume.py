@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional
 
 from moeforge._version import __version__
+from moeforge.checks.finite import FileScan, nonfinite_error
 from moeforge.errors import ConfigError, Interrupted, MoeforgeError
+from moeforge.sources.checkpoint import read_safetensors_header
 from moeforge.writer.hashing import (
+    FACTS,
     FileHasher,
     ShardFollower,
     SourceHashCache,
@@ -94,6 +97,7 @@ class BuildSession:
         self._shards: Optional[ShardFollower] = None
         self._output_hashes: Dict[str, str] = {}
         self._shards_done = 0
+        self._nonfinite: Optional[MoeforgeError] = None  # the first source found to hold NaN/Inf
 
     # ---- before anything is written ---------------------------------------------------------------
     @classmethod
@@ -190,6 +194,7 @@ class BuildSession:
     def begin(self, path: Path) -> bool:
         """True: `path` is a shard the interrupted build completed, its sha256 still matches, skip it.
         False: the writer writes it now; it is hashed as it is written."""
+        self.raise_nonfinite()
         rec = self.state.get("shards", {}).get(path.name)
         if rec is not None:
             if path.is_file() and path.stat().st_size == rec["size"] and sha256_file(path) == rec["sha256"]:
@@ -222,33 +227,59 @@ class BuildSession:
 
     # ---- sources and manifest ------------------------------------------------------------------------
     def _hash_sources(self) -> None:
-        if not self.inputs.options.hash_sources:
+        """Read each source file once, on the hashing thread, for what is not known yet: its sha256 and
+        (check_finite) NaN/Inf in its tensors. Known: from the interrupted build being resumed, the Hugging
+        Face cache's blob names, or `SourceHashCache`."""
+        opts = self.inputs.options
+        if not (opts.hash_sources or opts.check_finite):
             return
         known = self.state.setdefault("sources", {})
         self._hash_cache = SourceHashCache()
         for files in source_files(self.inputs).values():
             for path in files.values():
+                facts = self._hash_cache.get(path)
                 rec = known.get(str(path))
                 if rec is not None and {k: rec.get(k) for k in ("size", "mtime_ns")} == file_identity(path):
-                    continue
-                digest = known_sha256(path) or self._hash_cache.get(path)
-                if digest is not None:
-                    self._record_source(path, digest)
+                    facts.update({k: rec[k] for k in FACTS if k in rec})
+                blob_sha = known_sha256(path)
+                if "sha256" not in facts and blob_sha:
+                    facts["sha256"] = blob_sha
+                need_sha = opts.hash_sources and "sha256" not in facts
+                scan = None
+                if opts.check_finite and "nonfinite" not in facts:
+                    scan = FileScan(read_safetensors_header(path).values()) if path.suffix == ".safetensors" else None
+                    if scan is None or not scan.spans:
+                        facts["nonfinite"], scan = {}, None  # nothing to check in this file
+                if need_sha or scan is not None:
+                    self._files.submit(path, functools.partial(self._read_source, stat_identity(path), facts, scan),
+                                       sha256=need_sha, visit=scan.feed if scan is not None else None)
                 else:
-                    self._files.submit(path, functools.partial(self._hashed_source, stat_identity(path)))
+                    self._record_source(path, facts)
+        self.raise_nonfinite()
 
-    def _hashed_source(self, ident: dict, path: Path, digest: str) -> None:
-        self._hash_cache.put(path, ident, digest)
-        self._record_source(path, digest)
+    def _read_source(self, ident: dict, facts: dict, scan: Optional[FileScan], path: Path,
+                     digest: Optional[str]) -> None:
+        facts = {**facts, **({"sha256": digest} if digest is not None else {}),
+                 **({"nonfinite": scan.nonfinite} if scan is not None else {})}
+        self._hash_cache.put(path, ident, facts)
+        self._record_source(path, facts)
 
-    def _record_source(self, path: Path, digest: str) -> None:
+    def _record_source(self, path: Path, facts: dict) -> None:
         with self._lock:
-            self.state["sources"][str(path)] = {**file_identity(path), "sha256": digest}
+            self.state["sources"][str(path)] = {**file_identity(path), **facts}
+            if self.inputs.options.check_finite and self._nonfinite is None:
+                self._nonfinite = nonfinite_error(path, facts.get("nonfinite"))
+
+    def raise_nonfinite(self) -> None:
+        """Stop the build once a source is known to hold NaN/Inf (called between shards and at the end)."""
+        if self._nonfinite is not None:
+            raise self._nonfinite
 
     def write_manifest(self, tmp: Path) -> None:
         """Last step before the rename: sha256 of every file now in `tmp`, and of the sources."""
         self._shards.wait()
         self._files.wait()
+        self.raise_nonfinite()
         if self._hash_cache is not None:
             self._hash_cache.save()
         outputs = {}
