@@ -68,6 +68,7 @@ def reference(models, tmp_path_factory):
     return cfg_path, _files(root / "ref")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_interrupted_build_resumes_to_identical_bytes(reference, tmp_path, sig):
     cfg_path, expected = reference
@@ -102,6 +103,7 @@ def test_interrupted_build_resumes_to_identical_bytes(reference, tmp_path, sig):
     assert partial_dirs(out) == []
 
 
+@pytest.mark.slow
 def test_a_running_build_is_never_disturbed_and_a_plain_rerun_starts_over(reference, tmp_path):
     from click.testing import CliRunner
 
@@ -130,6 +132,7 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
 
 
+@pytest.mark.slow
 def test_failed_write_leaves_nothing(reference, models, tmp_path):
     cfg_path, _ = reference
     out = tmp_path / "out"

@@ -79,6 +79,7 @@ def base64(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["hidden", "fitted"])
 def test_quantized_forward_pass_on_cpu_gives_nearly_the_same_gates(base64, tmp_path, mode):
     pytest.importorskip("bitsandbytes")

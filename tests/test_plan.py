@@ -1,20 +1,14 @@
 """`moeforge plan` / `build --dry-run`: checked and sized from headers alone, and what it says is what build writes."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import yaml
 from conftest import expert_config
+from run_cli import run
 
 import moeforge
-
-
-def run(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "moeforge", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
 
 
 def test_plan_matches_what_build_writes(models, out):

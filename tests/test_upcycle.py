@@ -1,12 +1,11 @@
 """Sparse upcycling: plain copies, noise, Drop-Upcycling and fine-grained experts through the build path."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 from helpers import logits, read_tensors
+from run_cli import run
 
 import moeforge
 from moeforge.errors import ConfigError
@@ -101,15 +100,13 @@ def test_bad_upcycle_configs(models, out):
 
 
 def test_cli_and_config_form_agree(models, tmp_path):
-    cmd = [sys.executable, "-m", "moeforge", "upcycle", models["base"], str(tmp_path / "cli"), "--num-experts", "4",
-           "--drop-ratio", "0.5", "--random-seed", "3", "--dtype", "bfloat16"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    r = run("upcycle", models["base"], tmp_path / "cli", "--num-experts", "4", "--drop-ratio", "0.5",
+            "--random-seed", "3", "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr
     assert "dense base" in r.stderr and "active per token" in r.stderr
     cfg = {"upcycle": {"source_model": models["base"], "num_experts": 4, "drop_ratio": 0.5}, "dtype": "bfloat16"}
     (tmp_path / "up.yml").write_text(yaml.safe_dump(cfg))
-    r = subprocess.run([sys.executable, "-m", "moeforge", "build", str(tmp_path / "up.yml"), str(tmp_path / "cfg"),
-                        "--random-seed", "3", "--quiet"], capture_output=True, text=True, timeout=300)
+    r = run("build", tmp_path / "up.yml", tmp_path / "cfg", "--random-seed", "3", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (tmp_path / "cfg" / "model.safetensors").read_bytes()
     resolved = yaml.safe_load((tmp_path / "cfg" / "moeforge_config.yml").read_text())

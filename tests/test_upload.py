@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from conftest import expert_config
 from hub_server import LocalHub
+from run_cli import run
 
 
 @pytest.fixture(scope="module")
@@ -55,24 +55,10 @@ def shard_names(out: Path) -> list:
     return sorted(p.name for p in out.glob("*.safetensors"))
 
 
-def cli(*args):
-    """Run the CLI in this process, restoring the logger it reconfigures."""
-    import logging
-
-    from moeforge.cli import cli as group
-
-    logger = logging.getLogger("moeforge")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    try:
-        return CliRunner().invoke(group, [str(a) for a in args])
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
-
-
 def one_line_error(r, code: int = 1) -> str:
     """The error: one line on stderr (after any progress lines), no traceback."""
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1], r.stderr
     return errors[0]
@@ -156,7 +142,7 @@ def test_interrupted_upload_resumes_without_resending(built, hub, monkeypatch):
 def test_dropped_connection_is_one_line_with_how_to_resume(built, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     hub.fail("POST", "/commit/main$", None, times=5, body=shard_names(built)[1])
-    err = one_line_error(cli("upload", built, "me/drop"))
+    err = one_line_error(run("upload", built, "me/drop"))
     assert "cannot reach the Hub" in err and f"1 of {len(list(built.iterdir()))} files are on the Hub" in err
 
 
@@ -190,7 +176,7 @@ def test_token_from_saved_login(built, hub):
 
 
 def test_no_token_is_one_line_and_sends_nothing(built, hub):
-    err = one_line_error(cli("upload", built, "me/x"))
+    err = one_line_error(run("upload", built, "me/x"))
     assert "no Hugging Face token" in err and "HF_TOKEN" in err
     assert hub.requests == []
 
@@ -198,7 +184,7 @@ def test_no_token_is_one_line_and_sends_nothing(built, hub):
 def test_offline_mode_is_refused_before_sending(built, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert "HF_HUB_OFFLINE" in one_line_error(cli("upload", built, "me/x")) and hub.requests == []
+    assert "HF_HUB_OFFLINE" in one_line_error(run("upload", built, "me/x")) and hub.requests == []
 
 
 def _not_a_checkpoint(tmp_path, built, kind) -> Path:
@@ -233,8 +219,8 @@ def _not_a_checkpoint(tmp_path, built, kind) -> Path:
 ])
 def test_bad_out_is_one_line_and_sends_nothing(built, hub, monkeypatch, tmp_path, kind, code, needle):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
-    r = cli("upload", _not_a_checkpoint(tmp_path, built, kind), "me/x")
-    assert r.exit_code == code, r.output
+    r = run("upload", _not_a_checkpoint(tmp_path, built, kind), "me/x")
+    assert r.returncode == code, r.stderr
     assert needle in r.stderr and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert hub.calls == []
 
@@ -246,52 +232,52 @@ def test_bad_out_is_one_line_and_sends_nothing(built, hub, monkeypatch, tmp_path
 ])
 def test_bad_out_is_one_line_and_sends_nothing(built, hub, monkeypatch, tmp_path, kind, code, needle):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
-    assert needle in one_line_error(cli("upload", _not_a_checkpoint(tmp_path, built, kind), "me/x"), code)
+    assert needle in one_line_error(run("upload", _not_a_checkpoint(tmp_path, built, kind), "me/x"), code)
     assert hub.requests == []
 
 
 @pytest.mark.parametrize("repo", ["no-slash", "me/x@dev", "a/b/c", "me/bad name"])
 def test_bad_repo_id_sends_nothing(built, hub, monkeypatch, repo):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
-    assert repo in one_line_error(cli("upload", built, repo), 2) and hub.requests == []
+    assert repo in one_line_error(run("upload", built, repo), 2) and hub.requests == []
 
 
 def test_private_on_an_existing_public_repo_is_refused(built, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     hub.add_repo("me/public")
-    assert "is public" in one_line_error(cli("upload", built, "me/public", "--private"), 2)
+    assert "is public" in one_line_error(run("upload", built, "me/public", "--private"), 2)
     assert hub.commits("me/public") == [] and set(hub.files("me/public")) == {".gitattributes"}
 
 
 def test_rejected_token_is_one_line(built, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_bad")
     hub.rejected_tokens.add("hf_bad")
-    assert "token was rejected" in one_line_error(cli("upload", built, "me/x"))
+    assert "token was rejected" in one_line_error(run("upload", built, "me/x"))
     assert "me/x" not in hub.repos
 
 
 def test_namespace_without_write_access_is_one_line(built, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
-    assert "may not write to someone" in one_line_error(cli("upload", built, "someone/x"))
+    assert "may not write to someone" in one_line_error(run("upload", built, "someone/x"))
 
 
 def test_repo_gone_mid_upload_is_one_line(built, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     hub.fail("POST", "/preupload/", 404, "Repository not found", code="RepoNotFound")
-    err = one_line_error(cli("upload", built, "me/gone"))
+    err = one_line_error(run("upload", built, "me/gone"))
     assert "me/gone" in err and "404" in err and f"0 of {len(list(built.iterdir()))} files" in err
 
 
 def test_server_error_is_one_line(built, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
     hub.fail("POST", "/api/repos/create", 500, "Internal Error")
-    err = one_line_error(cli("upload", built, "me/x"))
+    err = one_line_error(run("upload", built, "me/x"))
     assert "preparing the upload: the Hub answered 500: Internal Error" in err
 
 
 def test_dry_run_lists_files_and_contacts_nothing(built, hub):
-    r = cli("upload", built, "me/dry", "--dry-run")  # no token needed: nothing is sent
-    assert r.exit_code == 0, r.output
+    r = run("upload", built, "me/dry", "--dry-run")  # no token needed: nothing is sent
+    assert r.returncode == 0, r.stderr
     assert hub.requests == []
     lines = r.stdout.splitlines()
     assert "me/dry" in lines[0] and "5 commit(s)" in lines[0]
@@ -302,8 +288,8 @@ def test_dry_run_lists_files_and_contacts_nothing(built, hub):
 
 def test_cli_upload_prints_the_url(built, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
-    r = cli("upload", built, "me/cli", "--revision", "v1", "--commit-message", "hello")
-    assert r.exit_code == 0, r.output
+    r = run("upload", built, "me/cli", "--revision", "v1", "--commit-message", "hello")
+    assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == f"{hub.url}/me/cli/tree/v1"
     assert hub.commits("me/cli")[-1]["summary"] == "hello" and hub.commits("me/cli")[-1]["branch"] == "v1"
     assert "uploaded" in r.stderr
@@ -330,7 +316,7 @@ def test_build_push_without_token_fails_before_building(models, hub, tmp_path):
 
     cfg = tmp_path / "moe.yml"
     cfg.write_text(yaml.safe_dump(expert_config(models["base"], [models["code"], models["story"]], gate_mode="random")))
-    assert "no Hugging Face token" in one_line_error(cli("build", cfg, tmp_path / "out", "--push-to-hub", "me/x", "--quiet"))
+    assert "no Hugging Face token" in one_line_error(run("build", cfg, tmp_path / "out", "--push-to-hub", "me/x", "--quiet"))
     assert not (tmp_path / "out").exists() and hub.requests == []
-    r = cli("build", cfg, tmp_path / "out", "--private", "--quiet")
-    assert r.exit_code == 2 and "--push-to-hub" in r.stderr and not (tmp_path / "out").exists()
+    r = run("build", cfg, tmp_path / "out", "--private", "--quiet")
+    assert r.returncode == 2 and "--push-to-hub" in r.stderr and not (tmp_path / "out").exists()

@@ -101,6 +101,7 @@ def test_defaults_are_fusionbench():
 
 # ---- step 0 -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [0, 1, 2])
 def test_step0_with_zero_init_std_is_task_arithmetic(clip_tasks, depth):
     model = build(clip_config(clip_tasks, router_init_std=0.0, router_hidden_layers=depth))
@@ -117,6 +118,7 @@ def test_step0_with_zero_init_std_is_task_arithmetic(clip_tasks, depth):
         assert (ours.argmax(-1) == theirs.argmax(-1)).all()
 
 
+@pytest.mark.slow
 def test_step0_with_default_init_is_task_arithmetic_up_to_noise(clip_tasks):
     model = build(clip_config(clip_tasks))
     ta = static_model(model.family, model.sources, [0.3, 0.3])
@@ -128,6 +130,7 @@ def test_step0_with_default_init_is_task_arithmetic_up_to_noise(clip_tasks):
 
 # ---- adaptation ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_only_router_parameters_train(clip_tasks):
     from accelerate import Accelerator
 
@@ -151,6 +154,7 @@ def test_only_router_parameters_train(clip_tasks):
     assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("out.bias"))
 
 
+@pytest.mark.slow
 def test_adaptation_lowers_entropy_and_beats_task_arithmetic(adapted, clip_tasks):
     from moeforge.wemoe.evaluation import evaluate
 
@@ -173,6 +177,7 @@ def test_adaptation_lowers_entropy_and_beats_task_arithmetic(adapted, clip_tasks
 
 # ---- export and reload --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_output_holds_routers_metadata_and_card_only(adapted, clip_tasks):
     result, out = adapted
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "router.safetensors", "wemoe.json"]
@@ -194,6 +199,7 @@ def test_output_holds_routers_metadata_and_card_only(adapted, clip_tasks):
     assert "moeforge.wemoe.load" in card and clip_tasks["base_model"] in card
 
 
+@pytest.mark.slow
 def test_reload_reproduces_adapted_predictions(adapted):
     from moeforge.wemoe import load
 
@@ -212,6 +218,7 @@ def test_reload_reproduces_adapted_predictions(adapted):
         original.batch_reduce = True
 
 
+@pytest.mark.slow
 def test_reload_refuses_changed_sources(adapted, tmp_path):
     import shutil
 
@@ -228,6 +235,7 @@ def test_reload_refuses_changed_sources(adapted, tmp_path):
         load(copy)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_routers(clip_tasks, tmp_path, monkeypatch):
     from moeforge.wemoe import run
     from moeforge.wemoe.tta import Checkpointer
@@ -263,6 +271,7 @@ def test_resume_gives_the_same_routers(clip_tasks, tmp_path, monkeypatch):
 
 # ---- E-WEMoE ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sparse_task_vectors_and_shared_router(clip_tasks):
     dense = build(clip_config(clip_tasks))
     sparse = build(clip_config(clip_tasks, sparsity=0.9))
