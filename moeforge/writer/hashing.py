@@ -23,8 +23,6 @@ import threading
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-from moeforge.errors import MoeforgeError
-
 log = logging.getLogger("moeforge")
 
 WINDOW = 64 * 1024 * 1024  # bytes hashed per memory map
@@ -32,7 +30,7 @@ CACHE_DIR_ENV = "MOEFORGE_CACHE_DIR"
 NO_CACHE_ENV = "MOEFORGE_NO_HASH_CACHE"
 CACHE_ENTRIES = 4096  # the most recent are kept
 _SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
-Callback = Callable[[Path, str], None]
+Callback = Callable[[Path, Optional[str]], None]
 Visit = Callable[[int, object], None]  # (file offset, window): every byte of a file, in order
 
 
@@ -204,7 +202,7 @@ class _Worker:
             self.stop.wait(0.02)
         if self._error is not None:
             error, self._error = self._error, None
-            if isinstance(error, (OSError, MoeforgeError)):
+            if isinstance(error, OSError):
                 raise error
             raise RuntimeError(f"hashing failed: {error}") from error
 
