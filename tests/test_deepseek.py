@@ -228,3 +228,17 @@ def test_tied_embeddings(models, out, tmp_path):
     model = _remote(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert (logits(out, TEXTS) - logits(tied, TEXTS)).abs().max() <= 1e-4
+
+
+def test_add_expert_keeps_the_code(models, out, tmp_path):
+    """moeforge add-expert on a DeepSeek output: the code comes along and the result still loads and, with an
+    identical expert added, reproduces the base."""
+    from moeforge.edit import add_expert
+
+    _build(models, out, ["base"] * 2, shared=1)
+    add_expert(out, models["base"], out_dir=tmp_path / "three", random_seed=5, quiet=True)
+    three = tmp_path / "three"
+    assert json.loads((three / "config.json").read_text())["n_routed_experts"] == 3
+    assert all((three / name).read_bytes() == (CODE_DIR / name).read_bytes() for name in CODE_FILES)
+    assert len(_remote(three).model.layers[0].mlp.experts) == 3
+    assert (logits(three, TEXTS) - logits(models["base"], TEXTS)).abs().max() <= 1e-4
