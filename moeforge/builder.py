@@ -376,7 +376,8 @@ def _base_side_files(out: Path, inputs: Inputs, plan) -> None:
 
 
 # Files written beside the shards, in order: (tmp_dir, inputs, plan) -> None.
-SIDE_FILES = [_model_config, _base_side_files, _resolved_config, _model_card]
+SIDE_FILES = [_model_config, lambda out, inputs, plan: inputs.layout.write_code_files(out), _base_side_files,
+              _resolved_config, _model_card]
 
 
 def human(n: int) -> str:

@@ -21,8 +21,9 @@ def read_tensors(model_dir) -> dict:
 def logits(model_dir, texts=("Write a Python function that sorts", "Once upon a time there")):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    # trust_remote_code: DeepSeek outputs load through the modeling code written beside their weights
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=True).eval()
     batch = tok(list(texts), return_tensors="pt", padding=True)
     with torch.no_grad():
         return model(**batch).logits * batch["attention_mask"].unsqueeze(-1)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import expert_config
 from helpers import logits, read_tensors
-from test_layouts import deepseek_forward
 
 import moeforge
 from moeforge.errors import ConfigError
@@ -93,20 +92,10 @@ def test_phi3_fused_tensors_are_split_bit_for_bit(fam_models, out):
     assert not any("qkv_proj" in n or "gate_up_proj" in n for n in got)
 
 
-def deepseek_reference_logits(out, texts=TEXTS):
-    """The DeepSeek reference forward on a Llama skeleton built from the output alone."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = json.loads((out / "config.json").read_text())
-    keep = set(LlamaConfig().to_dict()) - {"architectures", "model_type", "dtype", "intermediate_size"}
-    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k in keep})).float().eval()
-    return deepseek_forward(model, out, texts)
-
-
 def test_phi3_to_deepseek(fam_models, out):
     src = fam_models["phi3"]
     moeforge.build(_copies(src, "deepseek"), out, quiet=True, allow_all_same=True)
-    assert (deepseek_reference_logits(out) - logits(src, TEXTS)).abs().max() <= 1e-4
+    assert (logits(out, TEXTS) - logits(src, TEXTS)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("model, arch, needle", [

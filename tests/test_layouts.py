@@ -1,4 +1,5 @@
-"""Qwen2-MoE, Qwen3-MoE and DeepSeek-MoE outputs: the same equivalence proof as Mixtral, plus refusals."""
+"""Qwen2-MoE and Qwen3-MoE outputs: the same equivalence proof as Mixtral (DeepSeek-MoE: test_deepseek.py),
+plus refusals and layout inference."""
 import json
 
 import pytest
@@ -76,80 +77,6 @@ def test_qwen3_moe_reproduces_the_base(qwen_models, out, tmp_path):
     model.save_pretrained(str(tmp_path / "resaved"))
     assert set(read_tensors(tmp_path / "resaved")) == set(read_tensors(out))
     assert (logits(out, TEXTS) - logits(q, TEXTS)).abs().max() <= 1e-4
-
-
-def _mlp(x, t, prefix):
-    g, u, d = (t[f"{prefix}.{p}_proj.weight"] for p in ("gate", "up", "down"))
-    return (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
-
-
-class _DeepseekMoE(torch.nn.Module):
-    """DeepSeek-MoE v1's MoE block from its description: softmax scores, top-k, renormalised weights,
-    ungated shared experts added."""
-
-    def __init__(self, tensors, layer, config):
-        super().__init__()
-        self.t, self.p, self.c = tensors, f"model.layers.{layer}.mlp", config
-
-    def forward(self, x):
-        scores = torch.softmax(x @ self.t[f"{self.p}.gate.weight"].T, dim=-1)
-        w, idx = torch.topk(scores, self.c["num_experts_per_tok"], dim=-1)
-        if self.c["norm_topk_prob"]:
-            w = w / w.sum(-1, keepdim=True)
-        experts = torch.stack([_mlp(x, self.t, f"{self.p}.experts.{e}") for e in range(self.c["n_routed_experts"])], -2)
-        out = (torch.gather(experts, -2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1])) * w.unsqueeze(-1)).sum(-2)
-        if self.c.get("n_shared_experts"):
-            out = out + _mlp(x, self.t, f"{self.p}.shared_experts")
-        return out
-
-
-def deepseek_logits(out, base_dir, texts=TEXTS):
-    from transformers import AutoModelForCausalLM
-
-    return deepseek_forward(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval(), out, texts)
-
-
-def deepseek_forward(model, out, texts=TEXTS):
-    """`model`, a dense model of the output's shape, with out's non-MLP tensors and reference MoE blocks."""
-    from transformers import AutoTokenizer
-
-    t, config = read_tensors(out), json.loads((out / "config.json").read_text())
-    own = {k: v for k, v in t.items() if ".mlp." not in k}
-    missing, unexpected = model.load_state_dict(own, strict=False)
-    assert not unexpected and all(".mlp." in k for k in missing)
-    for layer, block in enumerate(model.model.layers):
-        block.mlp = _DeepseekMoE(t, layer, config)
-    tok = AutoTokenizer.from_pretrained(str(out))
-    batch = tok(list(texts), return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**batch).logits * batch["attention_mask"].unsqueeze(-1)
-
-
-def test_deepseek_reproduces_the_base_with_and_without_a_shared_expert(models, out, tmp_path):
-    cfg = expert_config(models["base"], [models["base"]] * 4, gate_mode="random", architecture="deepseek")
-    moeforge.build(cfg, out, quiet=True, allow_all_same=True)
-    config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "deepseek" and config["architectures"] == ["DeepseekForCausalLM"]
-    assert config["n_routed_experts"] == 4 and config["n_shared_experts"] is None
-    assert config["auto_map"]["AutoModelForCausalLM"].endswith("modeling_deepseek.DeepseekForCausalLM")
-    assert config["rope_theta"] == 10000.0 and "rope_parameters" not in config  # DeepSeek's code reads rope_theta
-    assert (deepseek_logits(out, models["base"]) - logits(models["base"], TEXTS)).abs().max() <= 1e-4
-
-    cfg["shared_experts"] = _shared(models["code"], residual_scale=0.0, prompts=())
-    moeforge.build(cfg, tmp_path / "shared", quiet=True, allow_all_same=True)
-    assert json.loads((tmp_path / "shared" / "config.json").read_text())["n_shared_experts"] == 1
-    assert (deepseek_logits(tmp_path / "shared", models["base"]) - logits(models["base"], TEXTS)).abs().max() <= 1e-4
-
-
-def test_deepseek_shared_expert_is_added(models, out):
-    """A live shared expert changes the output exactly by its MLP (guards the test above from passing vacuously)."""
-    cfg = expert_config(models["base"], [models["base"]] * 2, gate_mode="random", architecture="deepseek",
-                        shared_experts=_shared(models["code"], residual_scale=1.0, prompts=()))
-    moeforge.build(cfg, out, quiet=True, allow_all_same=True)
-    t = read_tensors(out)
-    assert torch.equal(t["model.layers.0.mlp.shared_experts.up_proj.weight"],
-                       read_tensors(models["code"])["model.layers.0.mlp.up_proj.weight"])
-    assert (deepseek_logits(out, models["base"]) - logits(models["base"], TEXTS)).abs().max() > 1e-3
 
 
 def test_inference_order_follows_mergekit(models, out, tmp_path):

@@ -20,13 +20,7 @@ def upcycle(models, out, seed=5, **up):
 @pytest.mark.parametrize("architecture", ["mixtral", "qwen", "deepseek"])
 def test_plain_copies_reproduce_the_dense_model(models, out, architecture):
     result = upcycle(models, out, num_experts=4, architecture=architecture)
-    if architecture == "deepseek":  # no transformers class: checked with the reference forward
-        from test_layouts import deepseek_logits
-
-        moe_logits = deepseek_logits(out, models["base"])
-    else:
-        moe_logits = logits(out)
-    assert (moe_logits - logits(models["base"])).abs().max() <= 1e-4
+    assert (logits(out) - logits(models["base"])).abs().max() <= 1e-4
     assert result.num_experts == 4 and result.experts_per_token == 2
     assert result.total_params > result.active_params > result.dense_params
 

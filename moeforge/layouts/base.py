@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
 from moeforge.families.base import describe_features
@@ -38,12 +40,19 @@ class Layout:
     expert_count_key: str = "num_experts"  # config.json key holding the number of routed experts
     dense_model_type: str = "llama"  # the dense family one expert plus the attention is (moeforge extract)
     notes: str = ""
+    # modeling code shipped beside the weights (config.json's auto_map names it): paths under moeforge/layouts/
+    code_files: Tuple[str, ...] = ()
 
     def expert_name(self, role: str, layer: int, expert: int) -> str:
         return self.expert[role].format(layer=layer, expert=expert)
 
     def router_name(self, layer: int) -> str:
         return self.router.format(layer=layer)
+
+    def write_code_files(self, out_dir: Path) -> None:
+        """The layout's own modeling code, so that `trust_remote_code` loads the output with no Hub access."""
+        for name in self.code_files:
+            shutil.copyfile(Path(__file__).parent / name, Path(out_dir) / Path(name).name)
 
     def refusal(self, family_name: str, features: FrozenSet[str]) -> Optional[str]:
         """Why this layout cannot express an input's attention, or None."""

@@ -1,14 +1,15 @@
 """DeepSeek-MoE v1 (DeepseekForCausalLM, model_type deepseek), as deepseek-moe-16b names it.
 
-transformers has no native class: it loads with trust_remote_code through `auto_map` (the 16b repo's code);
-vLLM and llama.cpp read the layout natively. Shared experts are ungated and stored as one MLP of
-n_shared_experts * moe_intermediate_size (their MLPs concatenated: the sum of their outputs). The remote
-code knows only linear/dynamic RoPE scaling and no sliding window, so inputs with either are refused.
+transformers has no native class: every output carries configuration_deepseek.py and modeling_deepseek.py
+(deepseek_code/: deepseek-moe-16b's math), which `auto_map` names, so trust_remote_code loads it with no Hub
+access; vLLM and llama.cpp read the layout natively. Shared experts are ungated and stored as one MLP of
+n_shared_experts * moe_intermediate_size (their MLPs concatenated: the sum of their outputs). DeepSeek's code
+knows only linear/dynamic RoPE scaling and no sliding window, so inputs with either are refused.
 """
 from moeforge.layouts.base import Layout, MoEShape
 from moeforge.layouts.qwen2_moe import QWEN_EXPERT
 
-_REMOTE = "deepseek-ai/deepseek-moe-16b-base--"
+_CODE = ("deepseek_code/configuration_deepseek.py", "deepseek_code/modeling_deepseek.py")
 
 
 def _moe_config(shape: MoEShape) -> dict:
@@ -24,9 +25,9 @@ def _moe_config(shape: MoEShape) -> dict:
         "aux_loss_alpha": 0.001,
         "seq_aux": True,
         "auto_map": {
-            "AutoConfig": _REMOTE + "configuration_deepseek.DeepseekConfig",
-            "AutoModel": _REMOTE + "modeling_deepseek.DeepseekModel",
-            "AutoModelForCausalLM": _REMOTE + "modeling_deepseek.DeepseekForCausalLM",
+            "AutoConfig": "configuration_deepseek.DeepseekConfig",
+            "AutoModel": "modeling_deepseek.DeepseekModel",
+            "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
         },
     }
 
@@ -40,6 +41,7 @@ DEEPSEEK_MOE = Layout(
     router="model.layers.{layer}.mlp.gate.weight",
     moe_config=_moe_config,
     model_type="deepseek",
+    code_files=_CODE,
     max_shared_experts=None,
     expert_count_key="n_routed_experts",
     shared_expert={
