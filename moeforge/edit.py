@@ -174,7 +174,7 @@ def add_expert(moe_dir, expert_model: str, prompts: Sequence[str] = (), negative
 
         def side_files(tmp: Path) -> None:
             moe_config = dict(moe.ckpt.config)
-            moe_config[moe.layout.expert_count_key] = index + 1
+            moe.layout.set_expert_count(moe_config, index + 1)
             (tmp / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             _copy_other_files(moe.path, tmp, skip=(RESOLVED_CONFIG,))
             if config is not None:

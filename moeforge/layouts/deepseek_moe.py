@@ -40,6 +40,7 @@ DEEPSEEK_MOE = Layout(
     router="model.layers.{layer}.mlp.gate.weight",
     moe_config=_moe_config,
     model_type="deepseek",
+    rope_parameters=False,  # its remote code reads rope_theta and rope_scaling
     max_shared_experts=None,
     expert_count_key="n_routed_experts",
     shared_expert={
