@@ -80,6 +80,8 @@ def _dense_config(moe, model_type: str) -> dict:
     """The MoE's config without its MoE keys, as the dense class of `model_type` reads it."""
     import transformers
 
+    from moeforge.layouts.base import rope_keys
+
     config_class, model_class = _DENSE[model_type]
     cls = getattr(transformers, config_class)
     known = set(cls().to_dict()) | {"rope_theta", "rope_scaling"}  # legacy spellings the class still reads
@@ -89,7 +91,8 @@ def _dense_config(moe, model_type: str) -> dict:
     config = cls(**keys)
     config.architectures = [model_class]
     config.dtype = moe.ckpt.config_value("dtype") or moe.ckpt.config_value("torch_dtype")
-    return config.to_dict()
+    keys = config.to_dict()
+    return {**keys, **rope_keys(keys)}  # RoPE as transformers 4.x and 5.x read it
 
 
 def _copy_other_files(src: Path, dst: Path, skip: Sequence[str] = ()) -> None:

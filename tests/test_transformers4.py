@@ -17,7 +17,7 @@ from conftest import CODE, STORY
 from helpers import read_tensors
 
 import moeforge
-from moeforge.layouts import layout_named
+from moeforge.layouts import MoEShape, layout_named
 
 # long enough that the RoPE base and scaling show in the logits (positions up to ~90)
 TEXTS = ("Write a Python function that sorts a list. def add(a, b): return a + b. Solve for x: 2x + 3 = 7. "
@@ -28,8 +28,54 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
 YARN_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 LAYOUTS = ("mixtral", "mixtral-hub-config", "qwen", "qwen3", "deepseek")
 VERSION_FIELDS = ("transformers_version",)
+SHAPE = MoEShape(num_experts=4, experts_per_token=2, intermediate_size=64)
+BASE = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 260,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 
-pytestmark = pytest.mark.slow
+
+def _spellings(rope):
+    """One base config as transformers 5 saves it and as 4.x saves it (Llama-3's on the Hub)."""
+    legacy = {k: v for k, v in rope.items() if k != "rope_theta"}
+    new = {**BASE, "rope_parameters": rope, "dtype": "float32", "transformers_version": "5.24.0"}
+    old = {**BASE, "rope_theta": rope["rope_theta"], "rope_scaling": None if rope["rope_type"] == "default" else legacy,
+           "torch_dtype": "float32", "transformers_version": "4.44.0"}
+    return new, old
+
+
+@pytest.mark.parametrize("layout", ["mixtral", "qwen", "qwen3"])
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, YARN_ROPE, {"rope_type": "default", "rope_theta": 500000.0}])
+def test_config_has_the_bases_rope_in_both_spellings_whichever_it_came_in(layout, rope):
+    new, old = (layout_named(layout).model_config(c, SHAPE, "float32") for c in _spellings(rope))
+    assert new == old
+    assert new["rope_parameters"] == rope and new["rope_theta"] == rope["rope_theta"]
+    scaling = new["rope_scaling"]
+    if rope["rope_type"] == "default":
+        assert scaling is None
+    else:
+        assert scaling == {"type": rope["rope_type"], **{k: v for k, v in rope.items() if k != "rope_theta"}}
+    assert "transformers_version" not in new and new["dtype"] == new["torch_dtype"] == "float32"
+
+
+def test_config_is_the_base_plus_the_layouts_keys_not_the_installed_classs_defaults():
+    config = layout_named("mixtral").model_config(_spellings(LLAMA3_ROPE)[0], SHAPE, "bfloat16")
+    assert set(config) == set(BASE) | {"num_local_experts", "num_experts_per_tok", "head_dim", "rope_theta",
+                                       "rope_scaling", "rope_parameters", "dtype", "torch_dtype"}
+
+
+def test_longrope_pretraining_length_is_also_where_transformers4_reads_it():
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
+    config = layout_named("mixtral").model_config({**BASE, "rope_parameters": rope}, SHAPE, "float32")
+    assert config["original_max_position_embeddings"] == 64 and config["rope_parameters"] == rope
+
+
+def test_qwen3_moe_expert_count_is_written_under_both_names():
+    layout = layout_named("qwen3")
+    config = layout.model_config(_spellings(YARN_ROPE)[0], SHAPE, "float32")
+    assert config["num_experts"] == config["num_local_experts"] == 4  # 4.x reads the first, 5.x writes the second
+    layout.set_expert_count(config, 5)
+    assert config["num_experts"] == config["num_local_experts"] == 5
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +219,7 @@ def _case(runs, layout):
     return case, result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_identical_experts_reproduce_the_dense_base_in_transformers4(runs, layout):
     case, result = _case(runs, layout)
@@ -182,6 +229,7 @@ def test_identical_experts_reproduce_the_dense_base_in_transformers4(runs, layou
     assert diff <= 1e-4, f"{layout}: transformers {result['version']} differs from the dense base by {diff:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_different_experts_match_transformers5_in_transformers4(runs, layout):
     case, result = _case(runs, layout)
@@ -192,6 +240,7 @@ def test_different_experts_match_transformers5_in_transformers4(runs, layout):
     assert diff <= 1e-4, f"{layout}: transformers {result['version']} differs from transformers 5 by {diff:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["mixtral", "mixtral-hub-config", "qwen", "qwen3"])
 def test_transformers4_reads_the_bases_rope_and_expert_count(runs, bases, layout):
     case, result = _case(runs, layout)
@@ -204,6 +253,7 @@ def test_transformers4_reads_the_bases_rope_and_expert_count(runs, bases, layout
     assert read[count_key] == 2, read
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_build_under_transformers4_writes_the_same_bytes(runs, layout):
     cases, result = runs

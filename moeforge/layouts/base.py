@@ -113,10 +113,12 @@ def rope_parameters(config: dict) -> dict:
     params.pop("type", None)
     if config.get("partial_rotary_factor") is not None:
         params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
-    if params["rope_type"] in ("llama3", "yarn", "longrope") and "original_max_position_embeddings" not in params:
-        original = config.get("original_max_position_embeddings") or config.get("max_position_embeddings")
+    if params["rope_type"] in _PRETRAINED_LENGTH:  # transformers 5: a top-level value wins, else the context length
+        original = config.get("original_max_position_embeddings")
         if original is not None:
-            params["original_max_position_embeddings"] = original  # what transformers 5 fills in
+            params["original_max_position_embeddings"] = original
+        elif config.get("max_position_embeddings") is not None:
+            params.setdefault("original_max_position_embeddings", config["max_position_embeddings"])
     return params
 
 
@@ -130,6 +132,8 @@ def rope_keys(config: dict, parameters: bool = True) -> dict:
             "rope_scaling": None if params["rope_type"] == "default" else {"type": params["rope_type"], **scaling}}
     if "partial_rotary_factor" in params:
         keys["partial_rotary_factor"] = params["partial_rotary_factor"]
+    if params["rope_type"] == "longrope" and "original_max_position_embeddings" in params:
+        keys["original_max_position_embeddings"] = params["original_max_position_embeddings"]  # 4.x reads it here
     if parameters:
         keys["rope_parameters"] = params
     return keys
@@ -137,6 +141,7 @@ def rope_keys(config: dict, parameters: bool = True) -> dict:
 
 DEFAULT_ROPE_THETA = 10000.0  # what every input family's class assumes when config.json names no RoPE base
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
+_PRETRAINED_LENGTH = ("llama3", "yarn", "longrope")  # RoPE types that read original_max_position_embeddings
 
 
 # Identity and bookkeeping keys of the base, never carried into the MoE's config.
