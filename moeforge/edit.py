@@ -80,6 +80,8 @@ def _dense_config(moe, model_type: str) -> dict:
     """The MoE's config without its MoE keys, as the dense class of `model_type` reads it."""
     import transformers
 
+    from moeforge.layouts.base import rope_keys
+
     config_class, model_class = _DENSE[model_type]
     cls = getattr(transformers, config_class)
     known = set(cls().to_dict()) | {"rope_theta", "rope_scaling"}  # legacy spellings the class still reads
@@ -89,7 +91,8 @@ def _dense_config(moe, model_type: str) -> dict:
     config = cls(**keys)
     config.architectures = [model_class]
     config.dtype = moe.ckpt.config_value("dtype") or moe.ckpt.config_value("torch_dtype")
-    return config.to_dict()
+    keys = config.to_dict()
+    return {**keys, **rope_keys(keys)}  # RoPE as transformers 4.x and 5.x read it
 
 
 def _copy_other_files(src: Path, dst: Path, skip: Sequence[str] = ()) -> None:
@@ -174,7 +177,7 @@ def add_expert(moe_dir, expert_model: str, prompts: Sequence[str] = (), negative
 
         def side_files(tmp: Path) -> None:
             moe_config = dict(moe.ckpt.config)
-            moe_config[moe.layout.expert_count_key] = index + 1
+            moe.layout.set_expert_count(moe_config, index + 1)
             (tmp / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             _copy_other_files(moe.path, tmp, skip=(RESOLVED_CONFIG,))
             if config is not None:

@@ -34,6 +34,7 @@ def test_extract_round_trip(models, moe, tmp_path):
     assert (logits(tmp_path / "base_again") - logits(models["base"])).abs().max() == 0
     config = json.loads((tmp_path / "base_again" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["intermediate_size"] == 64 and "num_local_experts" not in config
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 10000.0  # transformers 4.x and 5.x
     assert (tmp_path / "base_again" / "tokenizer.json").exists()
 
     extract_expert(moe, 0, tmp_path / "code_again", quiet=True)

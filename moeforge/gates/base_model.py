@@ -29,6 +29,22 @@ class RouterInputs:
     prompt_of_token: "object"  # torch.Tensor (tokens,): index into the prompt list
 
 
+def _base_config(raw: dict):
+    """The base's config with its RoPE also in the legacy spelling when it has only transformers 5's
+    `rope_parameters`, so transformers 4.x computes the same hidden states (and gates) as 5.x. None (the
+    checkpoint's own config) for model types the installed transformers does not know."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from moeforge.layouts.base import rope_keys
+
+    keys = dict(raw)
+    model_type = keys.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING or "rope_parameters" not in keys or "rope_theta" in keys:
+        return None
+    return AutoConfig.for_model(model_type, **keys, **rope_keys(keys, parameters=False))
+
+
 class BaseModel:
     def __init__(self, inputs):
         self.inputs = inputs
@@ -43,7 +59,8 @@ class BaseModel:
         kwargs = load_kwargs(self.inputs.options)
         log.debug("loading %s for its hidden states with %s", self.inputs.base.label, kwargs)
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(str(self.inputs.base.path), **kwargs)
+            self.model = AutoModelForCausalLM.from_pretrained(str(self.inputs.base.path),
+                                                              config=_base_config(self.inputs.base.config), **kwargs)
         except (OSError, ValueError, ImportError) as e:  # missing files, unsupported quantization, no accelerate
             raise SourceError(f"{self.inputs.base.label}: cannot load it for the forward pass "
                               f"({type(e).__name__}: {str(e)[:300]})") from None

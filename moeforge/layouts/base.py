@@ -1,6 +1,7 @@
 """What every output layout declares: tensor names, what inputs it can express, and its config keys."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 from pathlib import Path
@@ -30,8 +31,8 @@ class Layout:
     expert: Dict[str, str]
     router: str  # with {layer}
     moe_config: Callable[[MoEShape], dict]
-    config_class: Optional[str] = None  # transformers class that validates and fills the config, if native
-    model_type: Optional[str] = None  # for layouts without a transformers class
+    model_type: str  # config.json's model_type
+    config_class: Optional[str] = None  # transformers class that validates the config, if native
     max_shared_experts: Optional[int] = 0  # None: any number (concatenated into one MLP)
     min_shared_experts: int = 0
     shared_expert: Optional[Dict[str, str]] = None  # role -> name with {layer}
@@ -39,6 +40,9 @@ class Layout:
     required_features: FrozenSet[str] = frozenset()  # filled with zeros when the input lacks them
     expert_count_key: str = "num_experts"  # config.json key holding the number of routed experts
     dense_model_type: str = "llama"  # the dense family one expert plus the attention is (moeforge extract)
+    # config key -> the name another transformers version reads it under; both are written
+    aliases: Dict[str, str] = dataclasses.field(default_factory=dict)
+    rope_parameters: bool = True  # write transformers 5's `rope_parameters` beside the legacy RoPE keys
     notes: str = ""
     # modeling code shipped beside the weights (config.json's auto_map names it): paths under moeforge/layouts/
     code_files: Tuple[str, ...] = ()
@@ -79,35 +83,74 @@ class Layout:
         return None
 
     def model_config(self, base_config: dict, shape: MoEShape, dtype: str) -> dict:
-        """The output's config.json: the base's keys plus this layout's MoE keys, validated by transformers
-        where the layout has a native class."""
-        keys = {k: v for k, v in base_config.items() if k not in _NOT_CARRIED}
+        """The output's config.json: the base's keys plus this layout's MoE keys, written so that transformers
+        4.46-4.57 and 5.x read the same model from it (RoPE in both spellings, renamed keys under both names)
+        and built without the installed transformers' defaults, so it is the same whichever version builds it.
+        A layout with a transformers class is validated by it."""
+        keys = {k: v for k, v in base_config.items() if k not in _NOT_CARRIED + _ROPE_KEYS}
         keys.update(self.moe_config(shape))
-        if self.config_class is None:
-            return {"architectures": list(self.architectures), "model_type": self.model_type,
-                    **legacy_rope_keys(keys), "torch_dtype": dtype}
-        import transformers
-
+        keys.update(rope_keys(base_config, parameters=self.rope_parameters))
         hidden, heads = keys.get("hidden_size"), keys.get("num_attention_heads")
         if keys.get("head_dim") is None and hidden and heads:
             keys["head_dim"] = hidden // heads  # what it is anyway; scaled-RoPE validation reads it
-        config = getattr(transformers, self.config_class)(**keys)
-        config.architectures = list(self.architectures)
-        config.dtype = dtype
-        return config.to_dict()
+        for key, alias in self.aliases.items():
+            keys[alias] = keys[key]
+        config = {**keys, "architectures": list(self.architectures), "model_type": self.model_type,
+                  "dtype": dtype, "torch_dtype": dtype}  # `dtype` since transformers 4.56, `torch_dtype` before
+        if self.config_class is not None:
+            import transformers
+
+            # a copy: transformers 5 adopts and completes the rope_scaling dict it is given
+            getattr(transformers, self.config_class)(**copy.deepcopy({k: v for k, v in config.items()
+                                                                       if k != "model_type"}))
+        return config
+
+    def set_expert_count(self, config: dict, count: int) -> None:
+        """Set the number of routed experts in a config.json dict, under every name it is written."""
+        config[self.expert_count_key] = count
+        for key, alias in self.aliases.items():
+            if key == self.expert_count_key:
+                config[alias] = count
 
 
-def legacy_rope_keys(keys: dict) -> dict:
-    """Remote-code models (DeepSeek v1) read `rope_theta`/`rope_scaling`, not transformers 5's `rope_parameters`."""
-    params = keys.pop("rope_parameters", None)
-    if isinstance(params, dict):
-        keys.setdefault("rope_theta", params.get("rope_theta", 10000.0))
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-        if scaling.get("rope_type", "default") != "default":
-            keys.setdefault("rope_scaling", {"type": scaling["rope_type"], **scaling})
-        else:
-            keys.setdefault("rope_scaling", None)
+def rope_parameters(config: dict) -> dict:
+    """A config's RoPE as transformers 5 reads it, whichever spelling the config uses: a non-empty legacy
+    `rope_scaling` wins over `rope_parameters` and `rope_theta` fills in, as in transformers 5."""
+    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    params.setdefault("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    params.pop("type", None)
+    if config.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
+    if params["rope_type"] in _PRETRAINED_LENGTH:  # transformers 5: a top-level value wins, else the context length
+        original = config.get("original_max_position_embeddings")
+        if original is not None:
+            params["original_max_position_embeddings"] = original
+        elif config.get("max_position_embeddings") is not None:
+            params.setdefault("original_max_position_embeddings", config["max_position_embeddings"])
+    return params
+
+
+def rope_keys(config: dict, parameters: bool = True) -> dict:
+    """RoPE in both spellings: transformers 4.x and remote code read `rope_theta` and `rope_scaling` (None for
+    plain RoPE; `type` for code older than `rope_type`), transformers 5 reads `rope_parameters` (with
+    `parameters`). A config that carries both gives transformers 5 the same values either way."""
+    params = rope_parameters(config)
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    keys = {"rope_theta": params["rope_theta"],
+            "rope_scaling": None if params["rope_type"] == "default" else {"type": params["rope_type"], **scaling}}
+    if "partial_rotary_factor" in params:
+        keys["partial_rotary_factor"] = params["partial_rotary_factor"]
+    if params["rope_type"] == "longrope" and "original_max_position_embeddings" in params:
+        keys["original_max_position_embeddings"] = params["original_max_position_embeddings"]  # 4.x reads it here
+    if parameters:
+        keys["rope_parameters"] = params
     return keys
+
+
+DEFAULT_ROPE_THETA = 10000.0  # what every input family's class assumes when config.json names no RoPE base
+_ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
+_PRETRAINED_LENGTH = ("llama3", "yarn", "longrope")  # RoPE types that read original_max_position_embeddings
 
 
 # Identity and bookkeeping keys of the base, never carried into the MoE's config.

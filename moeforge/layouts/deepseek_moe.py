@@ -42,6 +42,7 @@ DEEPSEEK_MOE = Layout(
     moe_config=_moe_config,
     model_type="deepseek",
     code_files=_CODE,
+    rope_parameters=False,  # its remote code reads rope_theta and rope_scaling
     max_shared_experts=None,
     expert_count_key="n_routed_experts",
     shared_expert={

@@ -22,6 +22,7 @@ MIXTRAL = Layout(
     },
     router="model.layers.{layer}.block_sparse_moe.gate.weight",
     moe_config=_moe_config,
+    model_type="mixtral",
     config_class="MixtralConfig",
     expert_count_key="num_local_experts",
 )

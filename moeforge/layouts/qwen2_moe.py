@@ -44,6 +44,7 @@ QWEN2_MOE = Layout(
     expert=QWEN_EXPERT,
     router="model.layers.{layer}.mlp.gate.weight",
     moe_config=_moe_config,
+    model_type="qwen2_moe",
     config_class="Qwen2MoeConfig",
     min_shared_experts=1,
     max_shared_experts=None,

@@ -12,6 +12,8 @@ QWEN3_MOE = Layout(
     expert=QWEN_EXPERT,
     router="model.layers.{layer}.mlp.gate.weight",
     moe_config=qwen_moe_keys,
+    model_type="qwen3_moe",
     config_class="Qwen3MoeConfig",
+    aliases={"num_experts": "num_local_experts"},  # transformers 5 renamed it; 4.x reads num_experts
     dense_model_type="qwen3",
 )
