@@ -79,7 +79,8 @@ def llama_cpp_logits(driver: Path, gguf: Path, ids) -> "torch.Tensor":
     out = gguf.with_suffix(".f32")
     done = subprocess.run([str(driver), str(gguf), str(out), *map(str, ids)], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "llama.cpp failed")
+        lines = done.stderr.strip().splitlines() or ["llama.cpp failed"]
+        raise RuntimeError(next((l for l in lines if "error loading model" in l), lines[-1]))
     return torch.from_numpy(np.fromfile(out, dtype=np.float32).reshape(len(ids), -1))
 
 
@@ -157,14 +158,14 @@ def build(base: Path, experts, out: Path, layout: str, n_shared: int, renormaliz
     moeforge.build(cfg, out, quiet=True, allow_all_same=True, random_seed=0)
 
 
-def declared(out: Path, layout_name: str) -> str:
-    from moeforge.checks.expected import moe_shape
+def declared(layout_name: str, n_routed: int, n_shared: int, renormalize) -> str:
+    """llama.cpp's verdict in the layout's runtime facts, for this build."""
     from moeforge.layouts import layout_named
+    from moeforge.layouts.base import MoEShape
     from moeforge.layouts.runtimes import LLAMA_CPP
 
-    layout = layout_named(layout_name)
-    shape = moe_shape(layout, json.loads((out / "config.json").read_text()))
-    return next(s.status for s in layout.runtime_report(shape) if s.runtime == LLAMA_CPP)
+    shape = MoEShape(n_routed, 2, kit.INTERMEDIATE, n_shared, kit.INTERMEDIATE * n_shared, renormalize is not False)
+    return next(s.status for s in layout_named(layout_name).runtime_report(shape) if s.runtime == LLAMA_CPP)
 
 
 def _deepseek_zero_shared(driver: Path, out: Path, ids, ref, kind: str) -> dict:
@@ -186,7 +187,7 @@ def _deepseek_zero_shared(driver: Path, out: Path, ids, ref, kind: str) -> dict:
             diff = (llama_cpp_logits(driver, edited.with_suffix(".gguf"), ids) - ref).abs().max().item()
             result = "exact" if diff <= TOLERANCE else "differs"
         except RuntimeError as e:
-            result = f"llama.cpp: {e}"[:140]
+            result = f"llama.cpp: {e}"[:160]
     return dict(layout="deepseek (n_shared_experts edited to 0)", routed=4, shared=0, renormalize="true",
                 experts=kind, reader="-", vs_dense=None, diff=diff, result=result, declared="does not load",
                 seconds=0)
@@ -244,11 +245,11 @@ def main() -> None:
                         diff = (llama_cpp_logits(driver, root / f"{tag}.gguf", ids) - ref).abs().max().item()
                         result = "exact" if diff <= TOLERANCE else "differs"
                     except RuntimeError as e:
-                        result, diff = f"llama.cpp: {e}"[:140], None
+                        result, diff = f"llama.cpp: {e}"[:160], None
                 row = dict(layout=layout, routed=n_routed, shared=n_shared,
                            renormalize="-" if renormalize is None else str(renormalize).lower(), experts=kind,
                            reader=reader, vs_dense=vs_dense, diff=diff, result=result,
-                           declared=declared(out, layout), seconds=round(time.time() - start, 1))
+                           declared=declared(layout, n_routed, n_shared, renormalize), seconds=round(time.time() - start, 1))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if layout == "deepseek" and n_shared == 0:
