@@ -208,8 +208,8 @@ def _runtimes_intro(runtimes: Sequence["RuntimeStatus"]) -> str:
     odd = [r.runtime for r in runtimes if r.status != "exact"]
     if not odd:
         return "Every runtime below computes what transformers computes for this model (to float32 rounding)."
-    return (f"**{' and '.join(odd)} will not compute what transformers computes for this model**; "
-            "the others below do (to float32 rounding).")
+    return (f"**Not the same model in {' and '.join(odd)}** (see its row); the other runtimes below compute "
+            "what transformers computes (to float32 rounding).")
 
 
 def fill_model_id(card_text: str, repo_id: str) -> str:

@@ -19,8 +19,8 @@ TRANSFORMERS, VLLM, LLAMA_CPP = "transformers", "vLLM", "llama.cpp"
 # The versions the facts below were measured (or, for vLLM, read) with; benchmarks/runtimes.py re-measures.
 MEASURED = {
     TRANSFORMERS: "5.24.0",
-    VLLM: "model code read at commit 002d607 (not run)",
-    LLAMA_CPP: "0c1e570 (llama-cpp-python 0.3.36), convert_hf_to_gguf.py + CPU graph, f32",
+    VLLM: "model code read, not run (qwen2_moe.py 002fb90, qwen3_moe.py 002456d, deepseek_v2.py 002d607, mixtral.py 005df92)",
+    LLAMA_CPP: "0c1e57098 (llama-cpp-python 0.3.36): convert_hf_to_gguf.py, CPU, f32 weights and KV cache",
 }
 
 EXACT, DIFFERS, FAILS = "exact", "differs", "does not load"
