@@ -173,7 +173,7 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
         base = open_once(config.base_model)
         family = family_of(base)
         layout, inferred = select_layout(config.architecture, family.name, family.features(base),
-                                         config.shared_experts or [], config.gate_mode)
+                                         config.shared_experts or [], config.gate_mode, config.renormalize)
         num_layers, hidden = _base_dims(base)
         if config.upcycle is not None:
             from moeforge.plan.upcycle import check_granularity
@@ -273,9 +273,10 @@ def plan_tensors(inputs: Inputs, compute_routers: bool = True) -> "MoEPlan":
         gates.value()
     routed = gates.map((n_layers, n_routed, inputs.hidden_size), lambda x: x[:, :n_rows].repeat_interleave(g, dim=1))
     shared = gates.map((n_layers, len(gated) - n_rows, inputs.hidden_size), lambda x: x[:, n_rows:])
-    if inputs.layout.name == "mixtral" and n_routed & (n_routed - 1):
-        log.warning("%d experts is not a power of two: llama.cpp cannot run this model", n_routed)
-    return plan_moe(inputs, routed, shared)
+    plan = plan_moe(inputs, routed, shared)
+    for line in inputs.layout.runtime_warnings(plan.shape):
+        log.warning(line)
+    return plan
 
 
 def _compute_gates(inputs: Inputs, gated, n_rows: int):

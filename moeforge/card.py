@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
     from moeforge.builder import Inputs
+    from moeforge.layouts.runtimes import RuntimeStatus
 
 log = logging.getLogger("moeforge")
 
@@ -84,11 +85,13 @@ def make_card(
     usage: Optional[str] = None,
     pipeline_tag: Optional[str] = "text-generation",
     tags: Sequence[str] = (),
+    runtimes: Sequence["RuntimeStatus"] = (),
 ) -> "ModelCard":
     """The card: Hub front matter, then layout, parameters, experts, gate mode, exact config and usage.
 
     `sources` carries licenses and commits (see `source_info`); refs missing from it count as unknown.
-    `summary` replaces the opening sentence, `usage` (Markdown) the transformers snippet.
+    `summary` replaces the opening sentence, `usage` (Markdown) the transformers snippet. `runtimes` (the
+    layout's `runtime_report`) becomes a table of the runtimes that load the model, exactly or how not.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -134,6 +137,12 @@ def make_card(
     for ref in refs:
         src = known.get(ref, CardSource(ref))
         lines.append(f"| {_link(ref)} | {f'`{src.commit}`' if src.commit else '-'} | {_cell(str(src.license or 'unknown'))} |")
+    if runtimes:
+        lines += ["", "## Runtimes", "", _runtimes_intro(runtimes), "",
+                  "| runtime | reads it as | result | measured with |", "|---|---|---|---|"]
+        for r in runtimes:
+            result = r.status + (f": {r.detail}" if r.detail else "")
+            lines.append(f"| {r.runtime} | {_cell(r.reads_as)} | {_cell(result)} | {_cell(r.measured)} |")
     lines += ["", "## Configuration", "", f"The exact recipe, also in this repository as `{config_name}`:", ""]
     lines += [_fenced(config_text.rstrip("\n"), "yaml"), "", "## Usage", ""]
     lines.append(usage.rstrip("\n") if usage else _transformers_usage(model_id, experts))
@@ -191,8 +200,16 @@ def build_card(inputs: "Inputs", plan, config_text: str, config_name: str) -> "M
         base_model=config.base_model, experts=experts, sources=sources, layout=inputs.layout.name,
         total_params=plan.total_params, active_params=plan.active_params, config_text=config_text,
         config_name=config_name, gate_mode=config.gate_mode, experts_per_token=inputs.experts_per_token,
-        model_id=inputs.options.push_to_hub,
+        model_id=inputs.options.push_to_hub, runtimes=inputs.layout.runtime_report(plan.shape),
     )
+
+
+def _runtimes_intro(runtimes: Sequence["RuntimeStatus"]) -> str:
+    odd = [r.runtime for r in runtimes if r.status != "exact"]
+    if not odd:
+        return "Every runtime below computes what transformers computes for this model (to float32 rounding)."
+    return (f"**Not the same model in {' and '.join(odd)}** (see its row); the other runtimes below compute "
+            "what transformers computes (to float32 rounding).")
 
 
 def fill_model_id(card_text: str, repo_id: str) -> str:

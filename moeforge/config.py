@@ -137,6 +137,9 @@ class MoEConfig(YamlConfig):
     experts_per_token: int = 2
     shared_experts: Optional[List[Expert]] = None
     architecture: Optional[str] = None
+    # Rescale the top-k router weights to sum to 1 (`norm_topk_prob`). Default true: identical experts then
+    # reproduce the dense base. Each layout's runtime facts (layouts/runtimes.py) say where either value differs.
+    renormalize: Optional[bool] = None
     upcycle: Optional[Upcycle] = None
 
     @model_validator(mode="before")

@@ -11,3 +11,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
 .venv/bin/pip install --quiet -e ".[test]"
+# llama.cpp's converter and gguf-py, from the llama-cpp-python sdist on PyPI (cached under benchmarks/work/)
+.venv/bin/python -c 'import sys; sys.path.insert(0, "tests"); import llamacpp_kit; llamacpp_kit.source(download=True)'

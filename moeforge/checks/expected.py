@@ -45,11 +45,15 @@ def moe_shape(layout: Layout, config: dict) -> MoEShape:
     The transform is probed with distinct numbers, so each layout states its keys once, in moe_config.
     """
     probe = MoEShape(1_000_003, 1_000_033, 1_000_037, 1_000_039, 1_000_081)
-    key_of = {v: k for k, v in layout.moe_config(probe).items() if isinstance(v, int)}
+    key_of = {v: k for k, v in layout.moe_config(probe).items() if type(v) is int}
     values = {}
     for f in dataclasses.fields(MoEShape):
+        if type(getattr(probe, f.name)) is not int:
+            continue  # a switch, not a size
         key = key_of.get(getattr(probe, f.name))
         values[f.name] = int(config.get(key, 0) or 0) if key else 0
+    if layout.renormalize_key is not None:
+        values["renormalize"] = bool(config.get(layout.renormalize_key, True))
     return MoEShape(**values)
 
 

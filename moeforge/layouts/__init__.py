@@ -33,7 +33,8 @@ def _check_some_layout_fits(family: str, features) -> None:
 
 
 def select_layout(
-    architecture: Optional[str], family: str, features, shared: Sequence = (), gate_mode: str = "hidden"
+    architecture: Optional[str], family: str, features, shared: Sequence = (), gate_mode: str = "hidden",
+    renormalize: Optional[bool] = None,
 ) -> Tuple[Layout, bool]:
     """The named layout (prefix match, as mergekit), or the first that accepts the inputs; and whether inferred."""
     names = ", ".join(l.name for l in LAYOUTS)
@@ -49,7 +50,8 @@ def select_layout(
         candidates = LAYOUTS
     reasons = []
     for layout in candidates:
-        why = layout.refusal(family, features) or layout.shared_refusal(shared, gate_mode)
+        why = (layout.refusal(family, features) or layout.shared_refusal(shared, gate_mode)
+               or layout.renormalize_refusal(renormalize))
         if why is None:
             return layout, not architecture
         reasons.append(why)

@@ -5,9 +5,10 @@ import copy
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from moeforge.families.base import describe_features
+from moeforge.layouts import runtimes as rt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,7 @@ class MoEShape:
     intermediate_size: int
     num_shared_experts: int = 0
     shared_intermediate_size: int = 0
+    renormalize: bool = True  # top-k router weights rescaled to sum to 1 (`norm_topk_prob`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,9 @@ class Layout:
     notes: str = ""
     # modeling code shipped beside the weights (config.json's auto_map names it): paths under moeforge/layouts/
     code_files: Tuple[str, ...] = ()
+    # config.json key of the top-k renormalisation switch; None: the layout always renormalises
+    renormalize_key: Optional[str] = "norm_topk_prob"
+    runtimes: Tuple[rt.Runtime, ...] = ()  # what each runtime makes of this layout (layouts/runtimes.py)
 
     def expert_name(self, role: str, layer: int, expert: int) -> str:
         return self.expert[role].format(layer=layer, expert=expert)
@@ -81,6 +86,18 @@ class Layout:
         if self.shared_router is not None and gate_mode not in ("random", "uniform_random") and not all(prompted):
             return f"{self.name} gates its shared expert: give it positive_prompts (or use a random gate_mode)"
         return None
+
+    def renormalize_refusal(self, renormalize: Optional[bool]) -> Optional[str]:
+        """Why this layout cannot take the config's `renormalize:` value, or None."""
+        if renormalize is False and self.renormalize_key is None:
+            return f"{self.name} always renormalises the top-k router weights (its config has no switch)"
+        return None
+
+    def runtime_report(self, shape: MoEShape) -> List[rt.RuntimeStatus]:
+        return rt.report(self.runtimes, shape)
+
+    def runtime_warnings(self, shape: MoEShape) -> List[str]:
+        return rt.warnings(self.runtimes, shape)
 
     def model_config(self, base_config: dict, shape: MoEShape, dtype: str) -> dict:
         """The output's config.json: the base's keys plus this layout's MoE keys, written so that transformers

@@ -8,6 +8,8 @@ knows only linear/dynamic RoPE scaling and no sliding window, so inputs with eit
 """
 from moeforge.layouts.base import Layout, MoEShape
 from moeforge.layouts.qwen2_moe import QWEN_EXPERT
+from moeforge.layouts.runtimes import (FAILS, LLAMA_CPP, LLAMA_CPP_IGNORES_NORM_TOPK, TRANSFORMERS, VLLM, Caveat,
+                                       Runtime)
 
 _CODE = ("deepseek_code/configuration_deepseek.py", "deepseek_code/modeling_deepseek.py")
 
@@ -21,7 +23,7 @@ def _moe_config(shape: MoEShape) -> dict:
         "first_k_dense_replace": 0,
         "moe_layer_freq": 1,
         "scoring_func": "softmax",
-        "norm_topk_prob": True,
+        "norm_topk_prob": shape.renormalize,
         "aux_loss_alpha": 0.001,
         "seq_aux": True,
         "auto_map": {
@@ -30,6 +32,17 @@ def _moe_config(shape: MoEShape) -> dict:
             "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
         },
     }
+
+
+# n_shared_experts: null is what DeepSeek's code, transformers and vLLM read as "none".
+_LLAMA_CPP_NEEDS_SHARED = Caveat(
+    when=lambda s: s.num_shared_experts == 0,
+    effect=FAILS,
+    reason="the graph requires shared-expert tensors (convert_hf_to_gguf.py stops at "
+           "n_shared_experts: null; with 0 it converts and llama.cpp stops at the missing blk.0.ffn_gate_shexp)",
+    remedy="add a silent shared expert, `shared_experts: [{source_model: <base>, residual_scale: 0}]`, which "
+           "adds nothing in any runtime",
+)
 
 
 DEEPSEEK_MOE = Layout(
@@ -50,4 +63,10 @@ DEEPSEEK_MOE = Layout(
         "up": "model.layers.{layer}.mlp.shared_experts.up_proj.weight",
         "down": "model.layers.{layer}.mlp.shared_experts.down_proj.weight",
     },
+    runtimes=(
+        Runtime(TRANSFORMERS, "DeepseekForCausalLM (remote code, trust_remote_code=True)"),
+        Runtime(VLLM, "DeepseekForCausalLM (deepseek_v2.py: renormalize=norm_topk_prob, no shared MLP when "
+                      "n_shared_experts is null)"),
+        Runtime(LLAMA_CPP, "deepseek graph", (_LLAMA_CPP_NEEDS_SHARED, LLAMA_CPP_IGNORES_NORM_TOPK)),
+    ),
 )

@@ -1,5 +1,6 @@
 """Mixtral (MixtralForCausalLM): per-expert w1/w2/w3 under block_sparse_moe, as save_pretrained writes them."""
 from moeforge.layouts.base import Layout, MoEShape
+from moeforge.layouts.runtimes import LLAMA_CPP, TRANSFORMERS, VLLM, Runtime
 
 
 def _moe_config(shape: MoEShape) -> dict:
@@ -25,4 +26,10 @@ MIXTRAL = Layout(
     model_type="mixtral",
     config_class="MixtralConfig",
     expert_count_key="num_local_experts",
+    renormalize_key=None,  # MixtralForCausalLM always renormalises the top-k weights
+    runtimes=(
+        Runtime(TRANSFORMERS, "MixtralForCausalLM"),
+        Runtime(VLLM, "MixtralForCausalLM (renormalize=True)"),
+        Runtime(LLAMA_CPP, "llama graph (renormalises top-k), any expert count"),
+    ),
 )

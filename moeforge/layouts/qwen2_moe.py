@@ -4,6 +4,7 @@ Its attention always has q/k/v biases: inputs without them get zeros (same funct
 experts are concatenated into the one shared MLP (the sum of their outputs) under one sigmoid gate.
 """
 from moeforge.layouts.base import Layout, MoEShape
+from moeforge.layouts.runtimes import LLAMA_CPP, LLAMA_CPP_IGNORES_NORM_TOPK, TRANSFORMERS, VLLM, Runtime
 
 QWEN_EXPERT = {
     "gate": "model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight",
@@ -21,7 +22,7 @@ def qwen_moe_keys(shape: MoEShape) -> dict:
         "intermediate_size": shape.intermediate_size,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
-        "norm_topk_prob": True,  # renormalised top-k: identical experts reproduce the dense MLP
+        "norm_topk_prob": shape.renormalize,  # true: identical experts reproduce the dense MLP
     }
 
 
@@ -55,4 +56,9 @@ QWEN2_MOE = Layout(
         "down": "model.layers.{layer}.mlp.shared_expert.down_proj.weight",
     },
     shared_router="model.layers.{layer}.mlp.shared_expert_gate.weight",
+    runtimes=(
+        Runtime(TRANSFORMERS, "Qwen2MoeForCausalLM"),
+        Runtime(VLLM, "Qwen2MoeForCausalLM (renormalize=norm_topk_prob, sigmoid-gated shared expert)"),
+        Runtime(LLAMA_CPP, "qwen2moe graph", (LLAMA_CPP_IGNORES_NORM_TOPK,)),
+    ),
 )

@@ -1,6 +1,7 @@
 """Qwen3-MoE (Qwen3MoeForCausalLM): routed experts only; attention with per-head q_norm/k_norm."""
 from moeforge.layouts.base import Layout
 from moeforge.layouts.qwen2_moe import QWEN_EXPERT, qwen_moe_keys
+from moeforge.layouts.runtimes import LLAMA_CPP, LLAMA_CPP_ALWAYS_NORM_TOPK, TRANSFORMERS, VLLM, Runtime
 
 
 QWEN3_MOE = Layout(
@@ -16,4 +17,9 @@ QWEN3_MOE = Layout(
     config_class="Qwen3MoeConfig",
     aliases={"num_experts": "num_local_experts"},  # transformers 5 renamed it; 4.x reads num_experts
     dense_model_type="qwen3",
+    runtimes=(
+        Runtime(TRANSFORMERS, "Qwen3MoeForCausalLM"),
+        Runtime(VLLM, "Qwen3MoeForCausalLM (renormalize=norm_topk_prob)"),
+        Runtime(LLAMA_CPP, "qwen3moe graph", (LLAMA_CPP_ALWAYS_NORM_TOPK,)),
+    ),
 )

@@ -133,6 +133,7 @@ def moe_shape(inputs: "Inputs") -> MoEShape:
         intermediate_size=intermediate(inputs.experts[0][1]) // inputs.granularity,
         num_shared_experts=len(inputs.shared),
         shared_intermediate_size=sum(intermediate(c) for _, c in inputs.shared),
+        renormalize=inputs.config.renormalize is not False,
     )
 
 
