@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, FrozenSet, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from moeforge.families.base import describe_features
 
@@ -16,6 +16,36 @@ class MoEShape:
     intermediate_size: int
     num_shared_experts: int = 0
     shared_intermediate_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """One stored tensor that holds several of the layout's MLP tensors (fused experts).
+
+    The members are the layout's `expert` (or `shared_expert`) names for `roles`, joined along rows in that
+    order; with `per_expert`, each routed expert's join is one slice of a new first dimension, so the stored
+    shape is (experts, rows, cols), else (rows, cols). Either way the stored bytes are the members' bytes one
+    after another, so a member is a row range of the stored tensor seen as 2-D.
+    """
+
+    name: str  # with {layer}
+    roles: Tuple[str, ...]
+    per_expert: bool = True
+
+    def stored_name(self, layer: int) -> str:
+        return self.name.format(layer=layer)
+
+    def members(self, layout: "Layout", layer: int, num_experts: int) -> List[str]:
+        """The member names in storage order."""
+        if not self.per_expert:
+            return [layout.shared_expert[role].format(layer=layer) for role in self.roles]
+        return [layout.expert_name(role, layer, e) for e in range(num_experts) for role in self.roles]
+
+    def stored_shape(self, member_shapes: List[Tuple[int, ...]], num_experts: int) -> Tuple[int, ...]:
+        rows = sum(s[0] for s in member_shapes)
+        if not self.per_expert:
+            return (rows, *member_shapes[0][1:])
+        return (num_experts, rows // max(num_experts, 1), *member_shapes[0][1:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +67,9 @@ class Layout:
     required_features: FrozenSet[str] = frozenset()  # filled with zeros when the input lacks them
     expert_count_key: str = "num_experts"  # config.json key holding the number of routed experts
     dense_model_type: str = "llama"  # the dense family one expert plus the attention is (moeforge extract)
+    packed: Tuple[Packed, ...] = ()  # stored tensors that hold several expert tensors (fused-expert layouts)
+    # config keys that depend on the base's (Granite's attention scale), given the merged keys
+    derived_config: Optional[Callable[[dict], dict]] = None
     notes: str = ""
 
     def expert_name(self, role: str, layer: int, expert: int) -> str:
@@ -74,6 +107,8 @@ class Layout:
         where the layout has a native class."""
         keys = {k: v for k, v in base_config.items() if k not in _NOT_CARRIED}
         keys.update(self.moe_config(shape))
+        if self.derived_config is not None:
+            keys.update(self.derived_config(keys))
         if self.config_class is None:
             return {"architectures": list(self.architectures), "model_type": self.model_type,
                     **legacy_rope_keys(keys), "torch_dtype": dtype}
@@ -86,6 +121,17 @@ class Layout:
         config.architectures = list(self.architectures)
         config.dtype = dtype
         return config.to_dict()
+
+
+def pack_shapes(layout: Layout, shapes: Dict[str, Tuple[int, ...]], num_layers: int, num_experts: int) -> None:
+    """Replace the members of `layout`'s packed tensors in `shapes` (name -> shape) by the stored tensors."""
+    for layer in range(num_layers):
+        for packed in layout.packed:
+            members = packed.members(layout, layer, num_experts)
+            if not all(m in shapes for m in members):
+                continue  # no shared expert
+            member_shapes = [shapes.pop(m) for m in members]
+            shapes[packed.stored_name(layer)] = packed.stored_shape(member_shapes, num_experts)
 
 
 def legacy_rope_keys(keys: dict) -> dict:

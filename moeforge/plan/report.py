@@ -99,11 +99,11 @@ class PlanReport:
 
 
 def make_report(inputs: "Inputs", plan: "MoEPlan", out_dir: Optional[Path], shard_bytes: int) -> PlanReport:
-    from moeforge.writer.safetensors_stream import encode_header, shard_names, split_shards
+    from moeforge.writer.safetensors_stream import data_order, encode_header, shard_names, split_shards
 
     groups = split_shards(plan.tensors, shard_bytes)
-    shards = [
-        ShardSummary(name, len(encode_header(g)) + sum(t.nbytes for t in g), len(g))
+    shards = [  # the header as written: in data order, whose offsets may need more digits
+        ShardSummary(name, len(encode_header(data_order(g))) + sum(t.nbytes for t in g), len(g))
         for name, g in zip(shard_names(len(groups)), groups)
     ]
     copied = sum(t.nbytes for t in plan.tensors if t.raw_range() is not None)

@@ -116,10 +116,14 @@ class FromSource:
 @dataclasses.dataclass(frozen=True)
 class FromConcat:
     """Several sources joined along `dim` (0: rows, 1: columns), streamed piece by piece: shared experts
-    concatenated along the intermediate dimension (gate/up rows, down columns)."""
+    concatenated along the intermediate dimension (gate/up rows, down columns), and the members of a fused
+    expert tensor (rows; a part may then itself be a join along columns)."""
 
-    parts: Tuple[FromSource, ...]
+    parts: Tuple[Union[FromSource, "FromConcat"], ...]
     dim: int
+
+    def leaves(self) -> Tuple[FromSource, ...]:
+        return tuple(q for p in self.parts for q in (p.leaves() if isinstance(p, FromConcat) else (p,)))
 
     @property
     def shape(self) -> Tuple[int, ...]:
