@@ -159,3 +159,20 @@ def test_refusals(models, out, tmp_path):
                                      shared_experts=[{"source_model": models["code"], "positive_prompts": ["x"]}]),
                        out, quiet=True, allow_all_same=True)
     assert not out.exists()
+
+
+def test_fine_grained_upcycling_packs_column_slices(models, out):
+    """Segments of the dense MLP (gate/up row ranges, down column ranges scaled by g) stacked per expert."""
+    cfg = {"upcycle": {"source_model": models["base"], "num_experts": 2, "granularity": 4}, "dtype": "float32",
+           "experts_per_token": 1, "architecture": "granite"}
+    moeforge.build(cfg, out, quiet=True, random_seed=5)
+    t, base = read_tensors(out), read_tensors(models["base"])
+    down = base["model.layers.1.mlp.down_proj.weight"]
+    assert t[MOE.format(1) + "output_linear.weight"].shape == (8, 32, 16)
+    for e in range(8):
+        s = e % 4
+        assert torch.equal(t[MOE.format(1) + "output_linear.weight"][e], down[:, 16 * s:16 * (s + 1)] * 4)
+        assert torch.equal(t[MOE.format(1) + "input_linear.weight"][e][16:],
+                           base["model.layers.1.mlp.up_proj.weight"][16 * s:16 * (s + 1)])
+    assert (logits(out, TEXTS) - logits(models["base"], TEXTS)).abs().max() <= 1e-4
+    _assert_verifies(out)

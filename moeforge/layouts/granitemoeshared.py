@@ -9,6 +9,9 @@ Experts are stored fused: `input_linear` (experts, 2 * I, hidden) holds each exp
 rows, `output_linear` (experts, hidden, I) its down. The shared MLP is ungated: `shared_mlp.input_linear`
 (2 * S, hidden) is gate then up, `shared_mlp.output_linear` (hidden, S); several shared experts are
 concatenated into it (the sum of their outputs), and without any, S = 0 and the layer has no shared MLP.
+
+llama.cpp's converter takes default, linear and YaRN RoPE but stops at rope_type llama3 (its GRANITE_MOE
+architecture has no rope_freqs tensor); docs/adding-a-layout.md lists what each runtime reads.
 """
 from moeforge.layouts.base import Layout, MoEShape, Packed
 
