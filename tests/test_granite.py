@@ -117,6 +117,9 @@ def test_plan_matches_what_build_writes(models, out):
     assert [s.nbytes for s in report.shards] == [(out / f).stat().st_size for f in result.files]
     expert_params = 2 * 3 * 64 * 32  # per layer: one routed expert is active of two
     assert report.total_params - report.active_params == expert_params
+    # fused experts are byte copies of their members; only the two shared down projections (joined along
+    # columns) and the routers are not
+    assert report.converted_bytes == 2 * 32 * 128 * 4 and report.computed_bytes == 2 * 2 * 32 * 4
 
 
 def test_add_expert_and_extract_read_the_fused_tensors(models, out, tmp_path):
@@ -176,3 +179,23 @@ def test_fine_grained_upcycling_packs_column_slices(models, out):
                            base["model.layers.1.mlp.up_proj.weight"][16 * s:16 * (s + 1)])
     assert (logits(out, TEXTS) - logits(models["base"], TEXTS)).abs().max() <= 1e-4
     _assert_verifies(out)
+
+
+def test_nan_in_a_converted_fused_tensor_names_the_source(models, out, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moeforge.errors import SourceError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(models["story"], bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    cfg = expert_config(models["base"], [models["code"], str(bad)], gate_mode="random", architecture="granite",
+                        dtype="bfloat16")  # converted, so every chunk is checked as it is written
+    with pytest.raises(SourceError, match=r"bad/model.safetensors: tensor 'model.layers.1.mlp.down_proj.weight' "
+                                          r"contains 1 NaN/Inf"):
+        moeforge.build(cfg, out, quiet=True, random_seed=0)
+    assert not out.exists()

@@ -72,10 +72,10 @@ def scan_raw_copies(tensors: Iterable[PlannedTensor]) -> None:
     """--check-finite: read every byte-copied floating tensor once, in file order, before writing."""
     by_file = {}
     for t in tensors:
-        raw = t.raw_range()
-        if raw is not None and t.dtype in FLOAT_CODES:
-            ref = t.source.ref
-            by_file.setdefault(ref.file, []).append((raw[0], raw[1], ref))
+        parts = t.raw_parts() if t.dtype in FLOAT_CODES else None
+        for part in parts or ():
+            ref, (start, end) = part.ref, part.byte_range()
+            by_file.setdefault(ref.file, []).append((start, end, ref))
     for path, refs in by_file.items():
         try:
             fd = os.open(path, os.O_RDONLY)

@@ -248,11 +248,13 @@ class PlannedTensor:
             n *= d
         return n
 
-    def raw_range(self) -> Optional[Tuple[int, int]]:
-        """Source file offsets when the output bytes are exactly a byte range of a safetensors file."""
+    def raw_parts(self) -> Optional[Tuple[FromSource, ...]]:
+        """The sources whose byte ranges (`byte_range()`), one after another, are exactly the output bytes:
+        one for a plain copy, several for a join along rows (fused experts); None when bytes must be converted."""
         src = self.source
-        if isinstance(src, FromSource) and src.ref.dtype == self.dtype:
-            return src.byte_range()
+        parts = src.parts if isinstance(src, FromConcat) and src.dim == 0 else (src,)
+        if all(isinstance(p, FromSource) and p.ref.dtype == self.dtype and p.byte_range() is not None for p in parts):
+            return parts
         return None
 
 
