@@ -25,7 +25,8 @@ class Packed:
     The members are the layout's `expert` (or `shared_expert`) names for `roles`, joined along rows in that
     order; with `per_expert`, each routed expert's join is one slice of a new first dimension, so the stored
     shape is (experts, rows, cols), else (rows, cols). Either way the stored bytes are the members' bytes one
-    after another, so a member is a row range of the stored tensor seen as 2-D.
+    after another, so a member is a row range of the stored tensor seen as 2-D; members have equal rows (one
+    MLP's gate and up), which is how a stored tensor is split when read back.
     """
 
     name: str  # with {layer}

@@ -1,7 +1,8 @@
 """Fused-expert layouts: planned member tensors joined into the stored tensors the layout declares.
 
 A stored tensor is its members' bytes one after another (layouts.base.Packed), so it is planned as their
-row-wise concatenation, streamed part by part like any other converted tensor, under the stored shape.
+row-wise concatenation under the stored shape: the writer copies the members' byte ranges one after another
+where they are unchanged, and converts them part by part otherwise.
 """
 from __future__ import annotations
 
