@@ -117,7 +117,7 @@ def _plan(config_path, out_path, verbose, quiet, **options):
 @click.argument("out_path", metavar="OUT", type=click.Path(file_okay=True))
 @click.option("--num-experts", type=click.IntRange(min=1), required=True, help="Number of expert copies N.")
 @click.option("--experts-per-token", type=click.IntRange(min=1), default=2, show_default=True, help="Top-k (per copy).")
-@click.option("--architecture", type=click.Choice(["mixtral", "qwen", "qwen3", "deepseek"]), default=None, help="Output layout (default: inferred).")
+@click.option("--architecture", type=click.Choice(["mixtral", "qwen", "qwen3", "deepseek", "granite"]), default=None, help="Output layout (default: inferred).")
 @click.option("--gate-mode", type=click.Choice(["uniform_random", "random"]), default="uniform_random", show_default=True, help="Router init.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Output dtype (default: the model's).")
 @click.option("--noise-scale", type=click.FloatRange(min=0), default=None, help="Gaussian noise added to each expert's weights.")

@@ -111,6 +111,7 @@ def add_expert(moe_dir, expert_model: str, prompts: Sequence[str] = (), negative
     from moeforge.families import family_of, open_dense
     from moeforge.gates import GateInputs, compute_gates
     from moeforge.plan.moe import source_tensor, sort_key
+    from moeforge.plan.packing import pack
     from moeforge.plan.tensors import FromValue, PlannedTensor
     from moeforge.sources.moe_checkpoint import MoECheckpoint
     from moeforge.writer.output_dir import check_output_path
@@ -173,6 +174,7 @@ def add_expert(moe_dir, expert_model: str, prompts: Sequence[str] = (), negative
                 out_dtype = moe.ckpt.ref(moe.expert_tensor(role, layer, 0)).dtype
                 tensors.append(source_tensor(moe.expert_tensor(role, layer, index), ckpt, mlp(role, layer),
                                              out_dtype, seed, expert, role, routed=True))
+        tensors = pack(moe.layout, tensors, moe.num_layers, index + 1)
         tensors.sort(key=lambda t: sort_key(t.name))
 
         def side_files(tmp: Path) -> None:

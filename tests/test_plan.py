@@ -29,12 +29,13 @@ def test_plan_matches_what_build_writes(models, out):
     assert report.disk_free is not None and report.disk_ok
 
 
-@pytest.mark.parametrize("architecture", ["mixtral", "qwen"])  # qwen: zero q/k/v biases are planned too
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen", "granite"])  # qwen: zero biases; granite: fused experts
 def test_plan_reads_no_tensor_data_and_imports_no_torch(models, tmp_path, architecture):
     """Planning touches headers only: no gate is computed, no tensor data is read, and neither torch nor
     transformers is imported (routers and zero fills are planned by shape)."""
     cfg = tmp_path / "moe.yml"
-    shared = [{"source_model": models["base"], "positive_prompts": ["hello"]}] if architecture == "qwen" else []
+    shared = {"qwen": [{"source_model": models["base"], "positive_prompts": ["hello"]}],
+              "granite": [{"source_model": models["base"]}, {"source_model": models["story"]}]}.get(architecture, [])
     cfg.write_text(yaml.safe_dump(expert_config(models["base"], [models["code"], models["story"]], gate_mode="hidden",
                                                 architecture=architecture, shared_experts=shared)))
     code = (

@@ -17,7 +17,7 @@ def upcycle(models, out, seed=5, **up):
     return moeforge.build(cfg, out, quiet=True, random_seed=seed)
 
 
-@pytest.mark.parametrize("architecture", ["mixtral", "qwen", "deepseek"])
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen", "deepseek", "granite"])
 def test_plain_copies_reproduce_the_dense_model(models, out, architecture):
     result = upcycle(models, out, num_experts=4, architecture=architecture)
     assert (logits(out) - logits(models["base"])).abs().max() <= 1e-4

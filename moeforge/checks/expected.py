@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 from moeforge.families import FAMILIES
 from moeforge.families.base import MLP_ROLES, Family
 from moeforge.layouts import LAYOUTS, Layout
-from moeforge.layouts.base import MoEShape
+from moeforge.layouts.base import MoEShape, pack_shapes
 
 log = logging.getLogger("moeforge")
 Shapes = Dict[str, Tuple[int, ...]]
@@ -67,10 +67,11 @@ def moe_shapes(layout: Layout, config: dict) -> Shapes:
         for expert in range(shape.num_experts):
             for role in MLP_ROLES:
                 out[layout.expert_name(role, layer, expert)] = _mlp(role, shape.intermediate_size, hidden)
-        if layout.shared_expert and shape.num_shared_experts:
+        if layout.shared_expert and (shape.num_shared_experts or shape.shared_intermediate_size):
             for role in MLP_ROLES:
                 name = layout.shared_expert[role].format(layer=layer)
                 out[name] = _mlp(role, shape.shared_intermediate_size, hidden)
+    pack_shapes(layout, out, layers, shape.num_experts)
     return out
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, Optional, Tuple
 
 from moeforge.errors import ConfigError, MoeforgeError, SourceError
-from moeforge.plan.tensors import FromSource, FromValue, PlannedTensor
+from moeforge.plan.tensors import FromConcat, FromSource, FromValue, PlannedTensor
 from moeforge.sources.checkpoint import DTYPES, TensorRef
 
 # safetensors dtype -> (bytes, exponent mask): NaN/Inf have every bit of the mask set. float8_e4m3fn has
@@ -115,6 +115,8 @@ def _describe(t: PlannedTensor) -> MoeforgeError:
     src = t.source
     if isinstance(src, FromValue):
         return MoeforgeError(f"{t.name}: computed values contain NaN or Inf (check the expert prompts); nothing was written")
+    if isinstance(src, FromConcat):
+        src = max(src.leaves(), key=_blame)
     assert isinstance(src, FromSource)
     x = src.checkpoint.load(src.name)
     bad = int(x.numel() - torch.isfinite(x).sum())
@@ -129,3 +131,11 @@ def _describe(t: PlannedTensor) -> MoeforgeError:
         f"dtype: {DTYPES[t.dtype][0]} cannot hold {t.name} ({limit}, largest magnitude {biggest:.3g}, overflow); "
         "use bfloat16 or float32"
     )
+
+
+def _blame(src: FromSource):
+    """Which part of a joined tensor to name: one with NaN/Inf, else the one of largest magnitude."""
+    import torch
+
+    x = src.checkpoint.load(src.name).float()
+    return (1, 0.0) if not bool(torch.isfinite(x).all()) else (0, float(x.abs().max()))

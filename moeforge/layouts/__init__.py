@@ -7,11 +7,13 @@ from moeforge.errors import ConfigError
 from moeforge.families.base import describe_features
 from moeforge.layouts.base import Layout, MoEShape
 from moeforge.layouts.deepseek_moe import DEEPSEEK_MOE
+from moeforge.layouts.granitemoeshared import GRANITE_MOE_SHARED
 from moeforge.layouts.mixtral import MIXTRAL
 from moeforge.layouts.qwen2_moe import QWEN2_MOE
 from moeforge.layouts.qwen3_moe import QWEN3_MOE
 
-LAYOUTS: List[Layout] = [MIXTRAL, DEEPSEEK_MOE, QWEN2_MOE, QWEN3_MOE]  # mergekit's order of preference
+# mergekit's order of preference, then layouts mergekit does not write (never inferred where those fit)
+LAYOUTS: List[Layout] = [MIXTRAL, DEEPSEEK_MOE, QWEN2_MOE, QWEN3_MOE, GRANITE_MOE_SHARED]
 
 
 def layout_named(name: str) -> Layout:

@@ -24,6 +24,37 @@ class MoEShape:
 
 
 @dataclasses.dataclass(frozen=True)
+class Packed:
+    """One stored tensor that holds several of the layout's MLP tensors (fused experts).
+
+    The members are the layout's `expert` (or `shared_expert`) names for `roles`, joined along rows in that
+    order; with `per_expert`, each routed expert's join is one slice of a new first dimension, so the stored
+    shape is (experts, rows, cols), else (rows, cols). Either way the stored bytes are the members' bytes one
+    after another, so a member is a row range of the stored tensor seen as 2-D; members have equal rows (one
+    MLP's gate and up), which is how a stored tensor is split when read back.
+    """
+
+    name: str  # with {layer}
+    roles: Tuple[str, ...]
+    per_expert: bool = True
+
+    def stored_name(self, layer: int) -> str:
+        return self.name.format(layer=layer)
+
+    def members(self, layout: "Layout", layer: int, num_experts: int) -> List[str]:
+        """The member names in storage order."""
+        if not self.per_expert:
+            return [layout.shared_expert[role].format(layer=layer) for role in self.roles]
+        return [layout.expert_name(role, layer, e) for e in range(num_experts) for role in self.roles]
+
+    def stored_shape(self, member_shapes: List[Tuple[int, ...]], num_experts: int) -> Tuple[int, ...]:
+        rows = sum(s[0] for s in member_shapes)
+        if not self.per_expert:
+            return (rows, *member_shapes[0][1:])
+        return (num_experts, rows // max(num_experts, 1), *member_shapes[0][1:])
+
+
+@dataclasses.dataclass(frozen=True)
 class Layout:
     name: str  # the `architecture:` value
     architectures: Tuple[str, ...]
@@ -45,6 +76,9 @@ class Layout:
     # config key -> the name another transformers version reads it under; both are written
     aliases: Dict[str, str] = dataclasses.field(default_factory=dict)
     rope_parameters: bool = True  # write transformers 5's `rope_parameters` beside the legacy RoPE keys
+    packed: Tuple[Packed, ...] = ()  # stored tensors that hold several expert tensors (fused-expert layouts)
+    # config keys that depend on the base's (Granite's attention scale), given the merged keys
+    derived_config: Optional[Callable[[dict], dict]] = None
     notes: str = ""
     # modeling code shipped beside the weights (config.json's auto_map names it): paths under moeforge/layouts/
     code_files: Tuple[str, ...] = ()
@@ -106,6 +140,8 @@ class Layout:
         A layout with a transformers class is validated by it."""
         keys = {k: v for k, v in base_config.items() if k not in _NOT_CARRIED + _ROPE_KEYS}
         keys.update(self.moe_config(shape))
+        if self.derived_config is not None:
+            keys.update(self.derived_config(keys))
         keys.update(rope_keys(base_config, parameters=self.rope_parameters))
         hidden, heads = keys.get("hidden_size"), keys.get("num_attention_heads")
         if keys.get("head_dim") is None and hidden and heads:
@@ -163,6 +199,17 @@ def rope_keys(config: dict, parameters: bool = True) -> dict:
     if parameters:
         keys["rope_parameters"] = params
     return keys
+
+
+def pack_shapes(layout: Layout, shapes: Dict[str, Tuple[int, ...]], num_layers: int, num_experts: int) -> None:
+    """Replace the members of `layout`'s packed tensors in `shapes` (name -> shape) by the stored tensors."""
+    for layer in range(num_layers):
+        for packed in layout.packed:
+            members = packed.members(layout, layer, num_experts)
+            if not all(m in shapes for m in members):
+                continue  # no shared expert
+            member_shapes = [shapes.pop(m) for m in members]
+            shapes[packed.stored_name(layer)] = packed.stored_shape(member_shapes, num_experts)
 
 
 DEFAULT_ROPE_THETA = 10000.0  # what every input family's class assumes when config.json names no RoPE base

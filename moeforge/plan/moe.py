@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 from moeforge.families.base import MLP_ROLES, layer_of
 from moeforge.layouts.base import MoEShape
 from moeforge.errors import SourceError
+from moeforge.plan.packing import pack
 from moeforge.plan.tensors import Deferred, FromConcat, FromSource, FromValue, PlannedTensor, output_dtype
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ def plan_moe(inputs: "Inputs", routers, shared_routers=None) -> MoEPlan:
         if layout.shared_router and inputs.shared:
             tensors.append(_value(layout.shared_router.format(layer=layer), shared_routers[layer], out_dtype))
 
+    tensors = pack(layout, tensors, inputs.num_layers, len(inputs.experts))
     tensors.sort(key=lambda t: sort_key(t.name))
     return MoEPlan(tensors, moe_shape(inputs), inputs.num_layers)
 

@@ -99,14 +99,14 @@ class PlanReport:
 
 
 def make_report(inputs: "Inputs", plan: "MoEPlan", out_dir: Optional[Path], shard_bytes: int) -> PlanReport:
-    from moeforge.writer.safetensors_stream import encode_header, shard_names, split_shards
+    from moeforge.writer.safetensors_stream import data_order, encode_header, shard_names, split_shards
 
     groups = split_shards(plan.tensors, shard_bytes)
-    shards = [
-        ShardSummary(name, len(encode_header(g)) + sum(t.nbytes for t in g), len(g))
+    shards = [  # the header as written: in data order, whose offsets may need more digits
+        ShardSummary(name, len(encode_header(data_order(g))) + sum(t.nbytes for t in g), len(g))
         for name, g in zip(shard_names(len(groups)), groups)
     ]
-    copied = sum(t.nbytes for t in plan.tensors if t.raw_range() is not None)
+    copied = sum(t.nbytes for t in plan.tensors if t.raw_parts() is not None)
     computed = sum(t.nbytes for t in plan.tensors if isinstance(t.source, FromValue))
     converted = plan.nbytes - copied - computed
     side = _side_bytes(inputs)
@@ -128,7 +128,7 @@ def estimate_memory(inputs: "Inputs", plan: "MoEPlan") -> Dict[str, int]:
     working = 0
     for t in plan.tensors:
         src = t.source
-        if t.raw_range() is not None or not isinstance(src, FromSource):
+        if t.raw_parts() is not None or not isinstance(src, FromSource):
             continue
         src_bytes, out_bytes = DTYPES[src.ref.dtype][1], DTYPES[t.dtype][1]
         if src.noise_scale:  # whole tensor in float32: source, noise, sum, cast

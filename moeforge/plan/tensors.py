@@ -116,10 +116,14 @@ class FromSource:
 @dataclasses.dataclass(frozen=True)
 class FromConcat:
     """Several sources joined along `dim` (0: rows, 1: columns), streamed piece by piece: shared experts
-    concatenated along the intermediate dimension (gate/up rows, down columns)."""
+    concatenated along the intermediate dimension (gate/up rows, down columns), and the members of a fused
+    expert tensor (rows; a part may then itself be a join along columns)."""
 
-    parts: Tuple[FromSource, ...]
+    parts: Tuple[Union[FromSource, "FromConcat"], ...]
     dim: int
+
+    def leaves(self) -> Tuple[FromSource, ...]:
+        return tuple(q for p in self.parts for q in (p.leaves() if isinstance(p, FromConcat) else (p,)))
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -244,11 +248,13 @@ class PlannedTensor:
             n *= d
         return n
 
-    def raw_range(self) -> Optional[Tuple[int, int]]:
-        """Source file offsets when the output bytes are exactly a byte range of a safetensors file."""
+    def raw_parts(self) -> Optional[Tuple[FromSource, ...]]:
+        """The sources whose byte ranges (`byte_range()`), one after another, are exactly the output bytes:
+        one for a plain copy, several for a join along rows (fused experts); None when bytes must be converted."""
         src = self.source
-        if isinstance(src, FromSource) and src.ref.dtype == self.dtype:
-            return src.byte_range()
+        parts = src.parts if isinstance(src, FromConcat) and src.dim == 0 else (src,)
+        if all(isinstance(p, FromSource) and p.ref.dtype == self.dtype and p.byte_range() is not None for p in parts):
+            return parts
         return None
 
 

@@ -31,7 +31,8 @@ class TensorRef:
     """Where one source tensor lives. `start`/`end` are absolute file offsets (safetensors only).
 
     A view (`row0`, `stored_rows` set) is a row range of the stored tensor `name`: fused tensors split on read.
-    Rows are contiguous bytes, so a view of a safetensors tensor is still one byte range.
+    Rows are contiguous bytes, so a view of a safetensors tensor is still one byte range; a stored 3-D tensor
+    (fused experts) is viewed as 2-D, its first two dimensions merged.
     """
 
     file: Path
@@ -250,6 +251,8 @@ class Checkpoint:
         if ref.start is not None and ref.shape:
             return read_rows(ref, start, stop)
         t = self._load_stored(ref)
+        if t.dim() != len(ref.shape):  # a row view of a stored 3-D tensor seen as 2-D (fused experts)
+            t = t.reshape(-1, *ref.shape[1:])
         return t if len(ref.shape) == 0 else t[ref.row0 + start:ref.row0 + min(stop, ref.shape[0])]
 
     def _load_stored(self, ref: TensorRef):

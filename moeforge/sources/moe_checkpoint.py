@@ -1,6 +1,8 @@
 """An existing MoE checkpoint read as a source: tensor names mapped back through its layout's templates."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 from typing import Dict, Optional, Set
 
@@ -33,6 +35,8 @@ class MoECheckpoint:
         self.num_layers = self._int("num_hidden_layers")
         self.hidden_size = self._int("hidden_size")
         self.num_experts = self._int(self.layout.expert_count_key)
+        if self.layout.packed:
+            self.ckpt.add_view(functools.partial(unpack, self.layout, self.num_layers, self.num_experts))
         self._moe_names: Set[str] = set()
         for layer in range(self.num_layers):
             names = [self.layout.router_name(layer)] + [
@@ -78,3 +82,31 @@ class MoECheckpoint:
 
     def close(self) -> None:
         self.ckpt.close()
+
+
+def unpack(layout, num_layers: int, num_experts: int, ckpt: Checkpoint) -> None:
+    """A fused-expert checkpoint's stored tensors replaced by their members, as row views (layouts.base.Packed),
+    so routed and shared experts read by the layout's member names like any other layout's."""
+    tensors = dict(ckpt.tensors)
+    for layer in range(num_layers):
+        for packed in layout.packed:
+            stored = packed.stored_name(layer)
+            ref = tensors.pop(stored, None)
+            if ref is None:
+                if packed.per_expert:
+                    raise SourceError(f"{ckpt.path}: has no tensor {stored!r} (layer {layer} is not an MoE layer of "
+                                      f"the {layout.name} layout)")
+                continue  # no shared expert
+            members = packed.members(layout, layer, num_experts)
+            expert_rows = ref.shape[1] if packed.per_expert and len(ref.shape) == 3 else None
+            if packed.per_expert and (expert_rows is None or ref.shape[0] != num_experts):
+                raise SourceError(f"{ckpt.path}: tensor {stored!r} has shape {list(ref.shape)}, not one slice per "
+                                  f"expert for {num_experts} experts")
+            total = ref.shape[0] * (expert_rows or 1)
+            if total % len(members):
+                raise SourceError(f"{ckpt.path}: tensor {stored!r} has {total} rows, not {len(members)} equal parts")
+            rows = total // len(members)
+            flat = dataclasses.replace(ref, shape=(total, *ref.shape[-1:]))
+            for i, name in enumerate(members):
+                tensors[name] = flat.rows(i * rows, rows)
+    ckpt.tensors = tensors

@@ -71,7 +71,7 @@ def encode_header(tensors: Sequence[PlannedTensor], metadata: Optional[dict] = N
 def data_order(shard: Sequence[PlannedTensor]) -> List[PlannedTensor]:
     """Byte copies first, computed tensors (routers, conversions) last: the writer copies while the routers
     are still being computed, and reaches them at the end of the shard. Readers go by `data_offsets`."""
-    return [t for t in shard if t.raw_range() is not None] + [t for t in shard if t.raw_range() is None]
+    return [t for t in shard if t.raw_parts() is not None] + [t for t in shard if t.raw_parts() is None]
 
 
 def write_sharded(out_dir: Path, tensors: Sequence[PlannedTensor], max_shard_bytes: int, progress=None,
@@ -151,15 +151,16 @@ class _Copier:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, encode_header(shard, metadata))
-            ranges = [(t.source.ref.file, t.raw_range()) for t in shard if t.raw_range() is not None]
+            ranges = [(p.ref.file, p.byte_range()) for t in shard for p in t.raw_parts() or ()]
             prefetch = _Prefetcher(ranges, self._src_fd)
             unflushed = 0
             for t in shard:
-                raw = t.raw_range()
-                if raw is not None:
-                    prefetch.next()
-                    path_in = t.source.ref.file
-                    self._copy_range(self._src_fd(path_in), fd, raw[0], raw[1] - raw[0], path_in)
+                parts = t.raw_parts()
+                if parts is not None:
+                    for part in parts:
+                        prefetch.next()
+                        (start, end), path_in = part.byte_range(), part.ref.file
+                        self._copy_range(self._src_fd(path_in), fd, start, end - start, path_in)
                 else:
                     for chunk in _converted_chunks(t):
                         check_converted_chunk(chunk, t)  # NaN/Inf stop the build (checks/finite.py)
