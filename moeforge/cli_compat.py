@@ -56,18 +56,16 @@ HELP_LINE = ("mergekit-moe's options are accepted too (--cuda, --lazy-unpickle, 
 def apply_mergekit_options(options: dict) -> dict:
     """The build options without the mergekit-moe ones, whose effects are applied here."""
     given = {k[len(PREFIX):]: options.pop(k) for k in list(options) if k.startswith(PREFIX)}
-    if not given:
-        return options
-    if given["safe_serialization"] is False:
+    if given.get("safe_serialization") is False:
         raise ConfigError("--no-safe-serialization: moeforge writes safetensors only "
                           "(pickled .bin checkpoints can run code when they are loaded)")
-    if given["transformers_cache"]:
+    if given.get("transformers_cache"):
         _use_hub_cache(given["transformers_cache"])
-    if given["num_threads"]:
+    if given.get("num_threads"):
         import torch
 
         torch.set_num_threads(given["num_threads"])
-    if (given["cuda"] or given["gpu_rich"]) and options.get("device", "auto") == "auto":
+    if (given.get("cuda") or given.get("gpu_rich")) and options.get("device", "auto") == "auto":
         import torch
 
         if torch.cuda.is_available():
