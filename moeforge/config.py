@@ -1,8 +1,8 @@
 """The YAML schema. Accepts every mergekit-moe config unchanged; unknown keys as `config_keys` says."""
 from __future__ import annotations
 
-from pathlib import Path
 import logging
+from pathlib import Path
 from typing import Any, ClassVar, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -246,9 +246,12 @@ def validate_mapping(model_class, data: Any, origin: str = "config", strict: boo
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping of config keys, got {type(data).__name__}")
     data, unknown = split_unknown_keys(model_class, data)
-    problems = [p for p in (u.problem(strict) for u in unknown) if p]
+    problems = []
     for u in unknown:
-        if u.problem(strict) is None:
+        problem = u.problem(strict)
+        if problem:
+            problems.append(problem)
+        else:
             log.warning("%s: %s: unknown key, ignored (mergekit-moe ignores it too; --strict makes it an error)",
                         origin, u.where)
     try:

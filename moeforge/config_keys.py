@@ -24,7 +24,7 @@ class UnknownKey:
         """The error line, or None when it is only worth a warning."""
         if self.meant:
             return f"{self.where}: unknown key; did you mean {self.meant}?"
-        return f"{self.where}: unknown key (--strict)" if strict else None
+        return f"{self.where}: unknown key" if strict else None
 
 
 def near_miss(key: str, known: List[str]) -> Optional[str]:
