@@ -145,15 +145,19 @@ def check_options(venv: Path) -> bool:
 
 def _failure(error: Exception) -> str:
     """The line of a failed run's log that says why."""
-    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
-    said = [l for l in lines if re.search(r"error|Error|ERROR|refuse", l) and "Traceback" not in l]
-    line = (said or lines or ["?"])[-1]
+    lines = [l.strip() for l in str(error).splitlines() if l.strip() and not l.strip().startswith("For further")]
+    for i, l in enumerate(lines):  # pydantic: the field, then its message
+        if re.search(r"validation errors? for", l) and i + 2 < len(lines):
+            return f"{lines[i + 1]}: {lines[i + 2].split(' [type=')[0]}"
+    logged = [l.split(":", 2)[2].strip() for l in lines if l.startswith("ERROR:")]  # logging.error: the first says why
+    said = [l for l in lines if re.search(r"error|Error|refuse", l) and "Traceback" not in l]
+    line = (logged[:1] or said[-1:] or lines[-1:] or ["?"])[0]
     line = re.sub(r"/\S*/(\S+)", r"\1", line)  # no machine paths in the table
-    return line[:140].replace("|", "/")
+    return line[:120].replace("|", "/")
 
 
-def run_corpus(venv: Path, seed: int, keep: bool) -> list:
-    """Every corpus config built by both tools; one row each."""
+def run_corpus(venv: Path, seed: int, keep: bool, only=()) -> list:
+    """Every corpus config (or those whose names start with one of `only`) built by both tools; one row each."""
     import torch
 
     sys.path.insert(0, str(TESTS))
@@ -162,6 +166,8 @@ def run_corpus(venv: Path, seed: int, keep: bool) -> list:
     paths = make_standins(WORK / "corpus-models")
     rows = []
     for path in corpus():
+        if only and not path.stem.startswith(tuple(only)):
+            continue
         text = path.read_text(encoding="utf-8")
         config = WORK / "corpus" / path.name
         config.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +180,7 @@ def run_corpus(venv: Path, seed: int, keep: bool) -> list:
                           ("mergekit", mergekit_cmd(venv, config, outs["mergekit"], seed=seed))):
             remove(outs[tool])
             try:
-                measure(cmd)
+                measure(cmd, log=WORK / "corpus" / f"{path.stem}-{tool}.log")
             except RuntimeError as e:
                 errors[tool] = _failure(e)
         r = None
@@ -218,7 +224,8 @@ def main() -> None:
                    help="router tolerance in units in the last place at the row's scale (default 1; 2 for hidden modes "
                         "with padded prompt batches, where mergekit's left padding shifts RoPE positions)")
     p.add_argument("--keep", action="store_true")
-    p.add_argument("--corpus", action="store_true", help="build tests/data/mergekit_configs/*.yml with both tools")
+    p.add_argument("--corpus", nargs="*", metavar="PREFIX",
+                   help="build tests/data/mergekit_configs/*.yml with both tools (only those starting with a PREFIX)")
     p.add_argument("--options", action="store_true", help="check tests/data/mergekit_moe_options.txt against --help")
     args = p.parse_args()
     import torch
@@ -226,8 +233,8 @@ def main() -> None:
     venv = mergekit_venv(args.mergekit_venv)
     if args.options:
         sys.exit(0 if check_options(venv) else 1)
-    if args.corpus:
-        print(corpus_table(run_corpus(venv, args.seed, args.keep)))
+    if args.corpus is not None:
+        print(corpus_table(run_corpus(venv, args.seed, args.keep, args.corpus)))
         return
     dirs = models(args.size)
     rows = []

@@ -2,8 +2,8 @@
 names are replaced by tiny local stand-ins, and mergekit-moe 0.1.5's option list. Shared by
 tests/test_mergekit_corpus.py and benchmarks/compare_mergekit.py (which builds each config with mergekit-moe too).
 
-A config's header comments may say what a build of it must log: `# expect-warning: TEXT` (moeforge logs a
-warning containing TEXT).
+A config's header comments may say what a build of it must log, `# expect-warning: TEXT` (moeforge logs a
+warning containing TEXT once), and why the benchmark finds mergekit-moe's output different: `# parity: TEXT`.
 """
 from __future__ import annotations
 
