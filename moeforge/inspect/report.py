@@ -156,6 +156,7 @@ def inspect_model(model_dir, prompts: Sequence[Prompt], device: str = "auto", dt
     hidden = model.config.hidden_size
     rows = model.get_input_embeddings().weight.shape[0]
     ids = tokenize(tok, [p.text for p in prompts], rows, getattr(model.config, "max_position_embeddings", None))
+    pad = pad_id(tok, rows)
     skip_first = tok.bos_token is not None
     recorder = RouterRecorder(model, num_experts, hidden)
     n_layers = len(recorder.layers)
@@ -169,7 +170,7 @@ def inspect_model(model_dir, prompts: Sequence[Prompt], device: str = "auto", dt
         for start in tqdm(range(0, len(ids), batch_size), desc="routing prompts", unit="batch", disable=quiet):
             batch, batch_labels = ids[start:start + batch_size], labels[start:start + batch_size]
             width = max(len(x) for x in batch)
-            input_ids = torch.full((len(batch), width), pad_id(tok, rows), dtype=torch.long)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, x in enumerate(batch):
                 input_ids[row, : len(x)] = torch.tensor(x)
