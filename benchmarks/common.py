@@ -105,7 +105,7 @@ class Measured:
 def measure(cmd: Sequence[str], log: Optional[Path] = None, env: Optional[dict] = None) -> Measured:
     """Wall time, peak RSS and CPU time of one command (`env`: extra variables); raises if it fails."""
     log = log or WORK / "last-run.log"
-    result = WORK / "last-run.rusage"
+    result = log.with_suffix(".rusage")
     with open(log, "wb") as out:
         subprocess.run([sys.executable, "-S", "-c", _RUSAGE, str(result), *cmd], stdout=out, stderr=out, check=True,
                        env={**os.environ, **(env or {})})

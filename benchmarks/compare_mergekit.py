@@ -2,10 +2,13 @@
 
     python benchmarks/compare_mergekit.py                      # small models, bf16, all four gate modes
     python benchmarks/compare_mergekit.py --size large --gates random
+    python benchmarks/compare_mergekit.py --corpus             # tests/data/mergekit_configs/*.yml, tiny stand-ins
+    python benchmarks/compare_mergekit.py --options            # tests/data/mergekit_moe_options.txt == its --help
 
-mergekit 0.1.5 writes transformers-5's fused in-memory names; they are mapped to moeforge's per-expert names:
-  mlp.experts.gate_up_proj [E, 2I, H]  ->  block_sparse_moe.experts.{e}.w1 (rows :I) and .w3 (rows I:)
-  mlp.experts.down_proj    [E, H, I]   ->  block_sparse_moe.experts.{e}.w2
+mergekit 0.1.5 writes transformers-5's fused in-memory names for Mixtral and Qwen3-MoE; they are mapped to
+moeforge's per-expert names:
+  mlp.experts.gate_up_proj [E, 2I, H]  ->  experts.{e}.w1 / gate_proj (rows :I) and w3 / up_proj (rows I:)
+  mlp.experts.down_proj    [E, H, I]   ->  experts.{e}.w2 / down_proj
   mlp.gate.weight          [E, H]      ->  block_sparse_moe.gate.weight
 Routers must agree to the output dtype's precision (--router-ulps, default 1 unit in the last place); every other
 tensor must be bit for bit identical. Hidden modes are compared at bfloat16 precision whatever the output dtype:
@@ -15,15 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORK, measure, mergekit_cmd, mergekit_venv, models, moeforge_cmd, remove, write_config  # noqa: E402
 
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
-_ROUTER = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                     r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_ROUTER = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.(?:gate|shared_expert_gate)\.weight$")
+_FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 class Shards:
@@ -41,19 +49,25 @@ class Shards:
         return self.where[name].get_tensor(name)
 
 
-def mergekit_view(mk: Shards, name: str, intermediate: int):
+def mergekit_view(mk: Shards, name: str):
     """The mergekit tensor that holds moeforge's `name`, or None."""
+    if name in mk.where:
+        return mk.get(name)
     m = _EXPERT.match(name)
     if m:
-        layer, e, w = int(m.group(1)), int(m.group(2)), m.group(3)
-        if w == "w2":
-            return mk.get(f"model.layers.{layer}.mlp.experts.down_proj")[e]
-        fused = mk.get(f"model.layers.{layer}.mlp.experts.gate_up_proj")[e]
-        return fused[:intermediate] if w == "w1" else fused[intermediate:]
+        layer, e, role = int(m.group(1)), int(m.group(2)), m.group(3)
+        prefix = f"model.layers.{layer}.mlp.experts"
+        if role in ("w2", "down_proj"):
+            return mk.get(f"{prefix}.down_proj")[e] if f"{prefix}.down_proj" in mk.where else None
+        if f"{prefix}.gate_up_proj" not in mk.where:
+            return None
+        fused = mk.get(f"{prefix}.gate_up_proj")[e]
+        half = fused.shape[0] // 2
+        return fused[:half] if role in ("w1", "gate_proj") else fused[half:]
     m = _ROUTER.match(name)
-    if m:
+    if m and f"model.layers.{m.group(1)}.mlp.gate.weight" in mk.where:
         return mk.get(f"model.layers.{m.group(1)}.mlp.gate.weight")
-    return mk.get(name) if name in mk.where else None
+    return None
 
 
 def row_ulps(a, b, precision=None) -> float:
@@ -79,13 +93,12 @@ def compare(mf_dir: Path, mk_dir: Path, router_precision=None) -> dict:
     import torch
 
     mf, mk = Shards(mf_dir), Shards(mk_dir)
-    intermediate = json.loads((mf_dir / "config.json").read_text())["intermediate_size"]
     result = {"tensors": 0, "routers": 0, "routers_identical": 0, "others_identical": 0, "different": [],
               "missing": [], "router_max_abs": 0.0, "router_max_ulps": 0.0, "router_min_cosine": 1.0}
     covered = set()
     for name in sorted(mf.where):
         a = mf.get(name)
-        b = mergekit_view(mk, name, intermediate)
+        b = mergekit_view(mk, name)
         result["tensors"] += 1
         if b is None:
             result["missing"].append(name)
@@ -105,9 +118,98 @@ def compare(mf_dir: Path, mk_dir: Path, router_precision=None) -> dict:
         else:
             result["different"].append(name)
     mk_names = {n for n in mk.where}
-    fused = {n for n in mk_names if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"))}
+    fused = {n for n in mk_names if n.endswith(_FUSED + ("mlp.gate.weight",))}
     result["mergekit_only"] = sorted(n for n in mk_names - fused if n not in covered)
     return result
+
+
+def check_options(venv: Path) -> bool:
+    """The checked-in option list (what the tests feed moeforge) against the real `mergekit-moe --help`."""
+    sys.path.insert(0, str(TESTS))
+    from mergekit_corpus import OPTIONS_FILE, checked_in_options, parse_help_options
+
+    env = {**os.environ, "COLUMNS": "200"}
+    text = subprocess.run([str(venv / "bin" / "mergekit-moe"), "--help"], capture_output=True, text=True, check=True,
+                          env=env).stdout
+    real, listed = parse_help_options(text), checked_in_options()
+    for decl in real:
+        if decl not in listed:
+            print(f"missing from {OPTIONS_FILE.name}: {decl}")
+    for decl in listed:
+        if decl not in real:
+            print(f"not in mergekit-moe --help: {decl}")
+    print(f"{len(real)} options in mergekit-moe --help; {len(listed)} in {OPTIONS_FILE.name}: "
+          + ("the same" if real == listed else "DIFFERENT"))
+    return real == listed
+
+
+def _failure(error: Exception) -> str:
+    """The line of a failed run's log that says why."""
+    lines = [l.strip() for l in str(error).splitlines() if l.strip() and not l.strip().startswith("For further")]
+    for i, l in enumerate(lines):  # pydantic: the field, then its message
+        if re.search(r"validation errors? for", l) and i + 2 < len(lines):
+            return f"{lines[i + 1]}: {lines[i + 2].split(' [type=')[0]}"
+    logged = [l.split(":", 2)[2].strip() for l in lines if l.startswith("ERROR:")]  # logging.error: the first says why
+    said = [l for l in lines if re.search(r"error|Error|refuse", l) and "Traceback" not in l]
+    line = (logged[:1] or said[-1:] or lines[-1:] or ["?"])[0]
+    line = re.sub(r"/\S*/(\S+)", r"\1", line)  # no machine paths in the table
+    return line[:120].replace("|", "/")
+
+
+def run_corpus(venv: Path, seed: int, keep: bool, only=()) -> list:
+    """Every corpus config (or those whose names start with one of `only`) built by both tools; one row each."""
+    import torch
+
+    sys.path.insert(0, str(TESTS))
+    from mergekit_corpus import corpus, make_standins, substitute
+
+    paths = make_standins(WORK / "corpus-models")
+    rows = []
+    for path in corpus():
+        if only and not path.stem.startswith(tuple(only)):
+            continue
+        text = path.read_text(encoding="utf-8")
+        config = WORK / "corpus" / path.name
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(substitute(text, paths), encoding="utf-8")
+        note = " ".join(re.findall(r"^#\s*parity:\s*(.+?)\s*$", text, flags=re.MULTILINE))
+        mode = (re.search(r"^gate_mode:\s*\"?(\w+)", text, flags=re.MULTILINE) or [None, "hidden"])[1]
+        outs = {tool: WORK / f"corpus-{tool}-{path.stem}" for tool in ("moeforge", "mergekit")}
+        errors = {}
+        for tool, cmd in (("moeforge", moeforge_cmd(config, outs["moeforge"], seed=seed)),
+                          ("mergekit", mergekit_cmd(venv, config, outs["mergekit"], seed=seed))):
+            remove(outs[tool])
+            try:
+                measure(cmd, log=WORK / "corpus" / f"{path.stem}-{tool}.log")
+            except RuntimeError as e:
+                errors[tool] = _failure(e)
+        r = None
+        if not errors:
+            r = compare(outs["moeforge"], outs["mergekit"], torch.bfloat16 if mode.startswith("hidden") else None)
+        if not keep:
+            for out in outs.values():
+                remove(out)
+        rows.append((path.stem, mode, errors, r, note))
+        print(f"{path.stem}: {errors or json.dumps(r)}", file=sys.stderr)
+    return rows
+
+
+def corpus_table(rows: list) -> str:
+    out = ["| config | gate_mode | moeforge | mergekit-moe 0.1.5 | non-router tensors bit-identical "
+           "| routers: max diff in ulps at row scale (min cosine) | note |", "|---|---|---|---|---|---|---|"]
+    for name, mode, errors, r, note in rows:
+        mf = "builds" if "moeforge" not in errors else f"refuses: {errors['moeforge']}"
+        mk = "builds" if "mergekit" not in errors else f"fails: {errors['mergekit']}"
+        if r is None:
+            same, routers = "-", "-"
+        else:
+            others = r["tensors"] - r["routers"]
+            same = f"{r['others_identical']}/{others}" + (f" ({len(r['mergekit_only'])} only in mergekit's)"
+                                                          if r["mergekit_only"] else "")
+            routers = ("identical" if r["routers_identical"] == r["routers"]
+                       else f"{r['router_max_ulps']:.2f} ({r['router_min_cosine']:.6f})")
+        out.append(f"| {name} | {mode} | {mf} | {mk} | {same} | {routers} | {note} |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -122,10 +224,18 @@ def main() -> None:
                    help="router tolerance in units in the last place at the row's scale (default 1; 2 for hidden modes "
                         "with padded prompt batches, where mergekit's left padding shifts RoPE positions)")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--corpus", nargs="*", metavar="PREFIX",
+                   help="build tests/data/mergekit_configs/*.yml with both tools (only those starting with a PREFIX)")
+    p.add_argument("--options", action="store_true", help="check tests/data/mergekit_moe_options.txt against --help")
     args = p.parse_args()
     import torch
 
     venv = mergekit_venv(args.mergekit_venv)
+    if args.options:
+        sys.exit(0 if check_options(venv) else 1)
+    if args.corpus is not None:
+        print(corpus_table(run_corpus(venv, args.seed, args.keep, args.corpus)))
+        return
     dirs = models(args.size)
     rows = []
     for gate in args.gates:

@@ -125,7 +125,7 @@ def build(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[str,
     from moeforge.writer.output_dir import check_output_path
     from moeforge.writer.resume import BuildSession
 
-    config = load_config(config_or_path)
+    config = load_config(config_or_path, strict=options.get("strict", False))
     from moeforge.gates.loading import check_load_options
 
     opts = BuildOptions.from_kwargs(**options)
@@ -242,7 +242,7 @@ def dry_run(config_or_path: Union[MoEConfig, dict, str, Path], out_dir: Union[st
     from moeforge.plan.report import make_report
     from moeforge.writer.output_dir import check_output_path
 
-    config = load_config(config_or_path)
+    config = load_config(config_or_path, strict=options.get("strict", False))
     opts = BuildOptions.from_kwargs(**options)
     if out_dir is not None:
         check_output_path(Path(out_dir), opts.overwrite)
@@ -357,6 +357,8 @@ def _resolved_config(out: Path, inputs: Inputs, plan) -> None:
 
 
 def _model_card(out: Path, inputs: Inputs, plan) -> None:
+    if not inputs.options.write_model_card:
+        return
     from moeforge.card import CARD_NAME, build_card
 
     build_card(inputs, plan, _resolved_config_text(inputs), RESOLVED_CONFIG).save(out / CARD_NAME)
@@ -391,9 +393,14 @@ def human(n: int) -> str:
 def _check_not_all_same(config: MoEConfig, opts: BuildOptions) -> None:
     sources = {e.label for e in config.experts}
     if len(config.experts) > 1 and len(sources) == 1 and not opts.allow_all_same:
+        if config.gate_mode in RANDOM_GATE_MODES:  # as mergekit-moe: random gates mean upcycling
+            log.warning("experts: every expert is the same model: this is sparse upcycling, which needs training "
+                        "(until then it computes what the dense model does, at a higher cost)")
+            return
         raise ConfigError(
-            "experts: every expert is the same model, which costs more and computes the same; if you will train "
-            "it afterwards, pass --i-understand-this-is-not-useful-without-training"
+            f"experts: every expert is the same model, which costs more and computes the same (gate_mode "
+            f"{config.gate_mode}); if you will train it afterwards, pass "
+            "--i-understand-this-is-not-useful-without-training, or use gate_mode random or uniform_random"
         )
 
 

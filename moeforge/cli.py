@@ -8,6 +8,7 @@ import sys
 import click
 
 from moeforge._version import __version__
+from moeforge.cli_compat import HELP_LINE, apply_mergekit_options, mergekit_compat_options
 
 
 class _Formatter(logging.Formatter):
@@ -49,11 +50,12 @@ def output_options(fn):
         click.option("--random-seed", type=int, default=None, help="Seed for random gates and noise (default: drawn, recorded in the output)."),
         click.option("--out-shard-size", default="5B", show_default=True, help="Max shard size: parameters (5B, 500M) or bytes (4GB, 4GiB)."),
         click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the base's tokenizer files."),
+        click.option("--write-model-card/--no-write-model-card", default=True, show_default=True, help="Write README.md, the model card."),
         click.option("--device", default="auto", show_default=True, help="Device of the base model's forward pass (hidden and fitted gates): cpu, cuda, cuda:N or auto (all GPUs, then CPU)."),
         click.option("--hidden-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True, help="Dtype of the base model's forward pass for hidden and fitted gates."),
         click.option("--load-in-4bit", is_flag=True, help="Run that forward pass with 4-bit bitsandbytes weights (pip install moeforge[quant])."),
         click.option("--load-in-8bit", is_flag=True, help="Run that forward pass with 8-bit bitsandbytes weights (pip install moeforge[quant])."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from the base model's repository."),
+        click.option("--trust-remote-code/--no-trust-remote-code", default=False, help="Allow custom model code from the base model's repository."),
         click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the new build is complete)."),
         click.option("--resume", is_flag=True, help="Continue an interrupted build of the same inputs, reusing its verified shards."),
         click.option("--hash-sources/--no-hash-sources", default=True, show_default=True, help="Record sha256 of every source file in the manifest (off: size and mtime)."),
@@ -61,19 +63,21 @@ def output_options(fn):
         click.option("--push-to-hub", metavar="ORG/NAME", default=None, help="After the build, upload OUT to this Hub repo (see `moeforge upload`)."),
         click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
         click.option("-v", "--verbose", is_flag=True, help="Debug logging; tracebacks on errors."),
-        click.option("--quiet", is_flag=True, help="No progress bars or info messages."),
+        click.option("--quiet/--no-quiet", default=False, help="No progress bars or info messages."),
     ]):
         fn = option(fn)
     return fn
 
 
-@cli.command("build")
+@cli.command("build", epilog=HELP_LINE)
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.argument("out_path", metavar="OUT", type=click.Path(file_okay=True))
 @output_options
-@click.option("--i-understand-this-is-not-useful-without-training", "allow_all_same", is_flag=True, help="Allow every expert to be the same model (sparse upcycling).")
-@click.option("--allow-crimes", is_flag=True, help="Allow experts from other model families than the base.")
+@click.option("--i-understand-this-is-not-useful-without-training", "allow_all_same", is_flag=True, help="Allow every expert to be the same model with prompt-based gates (random gates need no flag).")
+@click.option("--allow-crimes/--no-allow-crimes", default=False, help="Allow experts from other model families than the base.")
+@click.option("--strict", is_flag=True, help="Every unknown config key is an error (default: a warning, as mergekit-moe ignores them).")
 @click.option("--dry-run", is_flag=True, help="Check the sources and print what would be written (as `moeforge plan`); write nothing.")
+@mergekit_compat_options
 def build_cmd(config_path, out_path, dry_run, **options):
     """Build an MoE checkpoint in OUT from the YAML recipe CONFIG."""
     if dry_run:
@@ -99,6 +103,7 @@ cli.add_command(click.Command(
 
 def _plan(config_path, out_path, verbose, quiet, **options):
     _setup_logging(verbose, quiet)
+    options = _run(apply_mergekit_options, options)
     from moeforge.builder import dry_run
     from moeforge.plan.report import disk_shortfall
 
@@ -136,6 +141,7 @@ def upcycle_cmd(model, out_path, num_experts, experts_per_token, architecture, g
 
 def _build(config, out_path, verbose, quiet, **options):
     _setup_logging(verbose, quiet)
+    options = _run(apply_mergekit_options, options)
     if options["push_to_hub"] and not quiet:
         logging.getLogger("moeforge").setLevel(min(logging.INFO, logging.getLogger("moeforge").level))
     from moeforge.builder import build
@@ -390,7 +396,8 @@ def _run(fn, *args, traceback=None, **kwargs):
     except MoeforgeError as e:
         if verbose:
             raise
-        click.echo(f"moeforge: error: {e}", err=True)
+        for line in str(e).splitlines():  # several problems: one line each
+            click.echo(f"moeforge: error: {line}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt as e:
         stop = e if isinstance(e, Interrupted) else Interrupted()

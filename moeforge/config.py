@@ -1,12 +1,15 @@
-"""The YAML schema. Accepts every mergekit-moe config unchanged; rejects unknown keys."""
+"""The YAML schema. Accepts every mergekit-moe config unchanged; unknown keys as `config_keys` says."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, List, Literal, Optional, Tuple, Union
+from typing import Any, ClassVar, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeforge.errors import ConfigError
+
+log = logging.getLogger("moeforge")
 
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "fitted"]
 DType = Literal["float32", "float16", "bfloat16"]
@@ -18,24 +21,28 @@ class _Strict(BaseModel):
 
 
 class YamlConfig(_Strict):
-    """A top-level config: loaded from YAML or a mapping, with one-line errors naming the field."""
+    """A top-level config: loaded from YAML or a mapping, with one line per problem, naming the field."""
+
+    # True: an unknown key that is no near miss of a known one is dropped with a warning (mergekit-moe's
+    # configs); False: it is an error.
+    ignores_unknown_keys: ClassVar[bool] = False
 
     @classmethod
-    def from_yaml(cls, path: Union[str, Path]):
-        return cls.from_dict(read_yaml(path), origin=str(path))
+    def from_yaml(cls, path: Union[str, Path], strict: bool = False):
+        return cls.from_dict(read_yaml(path), origin=str(path), strict=strict)
 
     @classmethod
-    def from_dict(cls, data: Any, origin: str = "config"):
-        return validate_mapping(cls, data, origin)
+    def from_dict(cls, data: Any, origin: str = "config", strict: bool = False):
+        return validate_mapping(cls, data, origin, strict=strict or not cls.ignores_unknown_keys)
 
     @classmethod
-    def load(cls, config_or_path):
-        """An instance as it is, a mapping, or a YAML path."""
+    def load(cls, config_or_path, strict: bool = False):
+        """An instance as it is, a mapping, or a YAML path. `strict`: every unknown key is an error."""
         if isinstance(config_or_path, cls):
             return config_or_path
         if isinstance(config_or_path, dict):
-            return cls.from_dict(config_or_path)
-        return cls.from_yaml(config_or_path)
+            return cls.from_dict(config_or_path, strict=strict)
+        return cls.from_yaml(config_or_path, strict=strict)
 
 
 class ModelSpec(_Strict):
@@ -43,6 +50,14 @@ class ModelSpec(_Strict):
 
     model: str = Field(min_length=1)
     lora: Optional[str] = None
+
+    @field_validator("model", "lora", mode="before")
+    @classmethod
+    def _path_form(cls, v):
+        """mergekit's `{path: org/name, revision: main}` is `org/name@main`."""
+        if isinstance(v, dict) and set(v) <= {"path", "revision"} and isinstance(v.get("path"), str):
+            return v["path"] + (f"@{v['revision']}" if v.get("revision") else "")
+        return v
 
     def __str__(self) -> str:
         return f"{self.model}+{self.lora}" if self.lora else self.model
@@ -82,6 +97,12 @@ class Expert(_Strict):
     residual_scale: Optional[float] = None
 
     _as_text = field_validator("source_model", mode="after")(_model_text)
+
+    @field_validator("positive_prompts", "negative_prompts", mode="before")
+    @classmethod
+    def _one_prompt(cls, v):
+        """A single prompt written as a string is a list of one."""
+        return [v] if isinstance(v, str) else v
 
     @field_validator("sources", mode="after")
     @classmethod
@@ -129,6 +150,8 @@ class Upcycle(_Strict):
 
 class MoEConfig(YamlConfig):
     """A mergekit-moe compatible MoE recipe (or an `upcycle:` block that expands into one)."""
+
+    ignores_unknown_keys: ClassVar[bool] = True  # as mergekit-moe does, but said
 
     base_model: str = Field(min_length=1)
     experts: List[Expert] = Field(min_length=1)
@@ -217,32 +240,90 @@ def read_yaml(path: Union[str, Path]) -> Any:
         raise ConfigError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
-def validate_mapping(model_class, data: Any, origin: str = "config"):
-    """`model_class` validated from a mapping; the first problem becomes a one-line ConfigError."""
+def validate_mapping(model_class, data: Any, origin: str = "config", strict: bool = True):
+    """`model_class` validated from a mapping. Every problem is one line of the ConfigError: unknown keys
+    first (near misses always; the others only when `strict`, else they are dropped with a warning), then the
+    schema's."""
+    from moeforge.config_keys import split_unknown_keys
+
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping of config keys, got {type(data).__name__}")
+    data, unknown = split_unknown_keys(model_class, data)
+    problems = []
+    for u in unknown:
+        problem = u.problem(strict)
+        if problem:
+            problems.append(problem)
+        else:
+            log.warning("%s: %s: unknown key, ignored (mergekit-moe ignores it too; --strict makes it an error)",
+                        origin, u.where)
     try:
-        return model_class.model_validate(data)
+        result = model_class.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{origin}: {describe_validation_error(e)}") from None
+        problems += validation_problems(e)
+    if problems:
+        raise ConfigError("\n".join(f"{origin}: {p}" for p in problems)) from None
+    return result
+
+
+def validation_problems(e: ValidationError) -> List[str]:
+    """Every problem, as `field.path: message`, one line each. Of a union (`source_model`: a string or
+    {model, lora}), only the branch the value was meant for is reported, without pydantic's branch tag."""
+    errors = _meant_branches(e.errors())
+    lines = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "literal_error":
+            msg = f"{err['input']!r} is not one of {err['ctx']['expected']}"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        line = f"{loc}: {msg}" if loc else msg
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+_WRONG_TYPE = {"string_type", "model_type", "dict_type", "list_type", "int_type", "float_type", "bool_type",
+               "tuple_type", "model_attributes_type"}
+
+
+def _branch_tag(part) -> bool:
+    """pydantic's name for a union member in an error location: `str`, `ModelSpec`, `list[str]`."""
+    return isinstance(part, str) and (part[:1].isupper() or part.split("[")[0] in ("str", "int", "float", "list",
+                                                                                   "dict", "tuple", "bool"))
+
+
+def _meant_branches(errors: List[dict]) -> List[dict]:
+    tagged: dict = {}
+    for err in errors:
+        i = next((i for i, part in enumerate(err["loc"]) if _branch_tag(part)), None)
+        if i is not None:
+            tagged.setdefault(err["loc"][:i], []).append((err["loc"][i], err))
+    out = []
+    for err in errors:
+        i = next((i for i, part in enumerate(err["loc"]) if _branch_tag(part)), None)
+        if i is None:
+            out.append(err)
+            continue
+        prefix, branches = err["loc"][:i], tagged[err["loc"][:i]]
+        fitting = {tag for tag, e in branches if e["type"] not in _WRONG_TYPE or len(e["loc"]) > i + 1}
+        if fitting and err["loc"][i] not in fitting:
+            continue  # the value was meant for another branch
+        if fitting:
+            out.append({**err, "loc": prefix + err["loc"][i + 1:]})
+        else:  # no branch fits: one line listing what is expected
+            wanted = " or ".join(e["msg"].replace("Input should be ", "") for _, e in branches)
+            out.append({**err, "loc": prefix, "msg": f"Input should be {wanted}"})
+    return out
 
 
 def describe_validation_error(e: ValidationError) -> str:
-    """The first problem, as `field.path: message`, in one line."""
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling)"
-    elif err["type"] == "literal_error":
-        msg = f"{err['input']!r} is not one of {err['ctx']['expected']}"
-    elif msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-        if ": " in msg and not loc:
-            return msg
-    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
+    """Every problem, one line each."""
+    return "\n".join(validation_problems(e))
 
 
-def load_config(config_or_path: Union[MoEConfig, dict, str, Path]) -> MoEConfig:
-    return MoEConfig.load(config_or_path)
+def load_config(config_or_path: Union[MoEConfig, dict, str, Path], strict: bool = False) -> MoEConfig:
+    return MoEConfig.load(config_or_path, strict=strict)

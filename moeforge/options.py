@@ -15,6 +15,8 @@ class BuildOptions:
     random_seed: Optional[int] = None
     out_shard_size: str = DEFAULT_SHARD_SIZE
     copy_tokenizer: bool = True
+    write_model_card: bool = True  # README.md
+    strict: bool = False  # every unknown config key is an error (default: a warning)
     device: str = "auto"
     trust_remote_code: bool = False
     allow_all_same: bool = False  # --i-understand-this-is-not-useful-without-training

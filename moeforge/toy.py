@@ -71,10 +71,11 @@ def make_dense(
                         "gemma2": transformers.Gemma2Config}[family]
         if family in ("qwen3", "gemma", "gemma2"):
             config_overrides.setdefault("head_dim", hidden_size // 4)
+        config_overrides.setdefault("max_position_embeddings", 256)
         config = config_class(
             vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **config_overrides,
         )
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

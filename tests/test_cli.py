@@ -81,12 +81,17 @@ def test_offline_hub_id_is_a_clear_error_not_a_hang(models, tmp_path):
     _assert_clean_failure(r, tmp_path / "out", 2, "nobody-xyz/not-a-real-model@main", "HF_HUB_OFFLINE")
 
 
-def test_all_same_experts_need_the_flag(models, tmp_path):
-    cfg = write_config(tmp_path, expert_config(models["base"], [models["base"]] * 2, gate_mode="random"))
+def test_all_same_experts_need_the_flag_unless_gates_are_random(models, tmp_path):
+    cfg = write_config(tmp_path, expert_config(models["base"], [models["base"]] * 2, gate_mode="cheap_embed"))
     r = run("build", cfg, tmp_path / "out")
     _assert_clean_failure(r, tmp_path / "out", 2, "--i-understand-this-is-not-useful-without-training")
     r = run("build", cfg, tmp_path / "out", "--quiet", "--i-understand-this-is-not-useful-without-training")
     assert r.returncode == 0, r.stderr
+    for mode in ("random", "uniform_random"):  # as mergekit-moe: upcycling, said once
+        cfg = write_config(tmp_path, expert_config(models["base"], [models["base"]] * 2, gate_mode=mode))
+        r = run("build", cfg, tmp_path / mode)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.count("sparse upcycling") == 1 and "needs training" in r.stderr, r.stderr
 
 
 def test_mismatched_expert(models, tmp_path):

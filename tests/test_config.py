@@ -93,3 +93,64 @@ def test_shard_sizes(value, expected):
 def test_bad_shard_sizes(value):
     with pytest.raises(ConfigError, match="--out-shard-size"):
         parse_shard_size(value, 2)
+
+
+@pytest.mark.parametrize(
+    "key, where, meant",
+    [("experts_per_tokens: 1\n", "experts_per_tokens", "experts_per_token"),
+     ("gate-mode: random\n", "gate-mode", "gate_mode"),
+     ("Gate_Mode: random\n", "Gate_Mode", "gate_mode"),
+     ("shared_expert: []\n", "shared_expert", "shared_experts")],
+)
+def test_near_misses_are_errors_naming_the_key_meant(tmp_path, key, where, meant):
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, MERGEKIT_EXAMPLE + key)
+    assert str(e.value).endswith(f"{where}: unknown key; did you mean {meant}?")
+    with pytest.raises(ConfigError, match="did you mean positive_prompts"):
+        _load(tmp_path, MERGEKIT_EXAMPLE.replace("    positive_prompts:\n      - \"As", "    positve_prompts:\n      - \"As"))
+
+
+def test_other_unknown_keys_are_ignored_with_a_warning(tmp_path, caplog):
+    text = MERGEKIT_EXAMPLE + "tokenizer:\n  source: base\nname: my-moe\n"
+    text = text.replace("    noise_scale: 0.01\n", "    noise_scale: 0.01\n    description: a doctor\n")
+    config = _load(tmp_path, text)
+    assert config.experts[1].noise_scale == 0.01
+    warned = [r.getMessage() for r in caplog.records]
+    for key in ("tokenizer", "name", "experts.1.description"):
+        assert sum(f": {key}: unknown key, ignored" in w for w in warned) == 1, warned
+    with pytest.raises(ConfigError) as e:
+        MoEConfig.from_yaml(tmp_path / "c.yml", strict=True)
+    assert str(e.value).splitlines() == [f"{tmp_path / 'c.yml'}: {k}: unknown key"
+                                         for k in ("experts.1.description", "tokenizer", "name")]
+
+
+def test_every_problem_is_listed(tmp_path):
+    """Never '(and N more)': the second problem is often the useful one."""
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, "experts:\n  - source_model: a\n    noise_scale: loud\ndtype: float8\nexperts_per_tken: 2\n")
+    lines = str(e.value).splitlines()
+    assert [l.split(": ", 1)[1] for l in lines] == [
+        "experts_per_tken: unknown key; did you mean experts_per_token?",
+        "base_model: Field required",
+        "experts.0.noise_scale: Input should be a valid number, unable to parse string as a number",
+        "dtype: 'float8' is not one of 'float32', 'float16' or 'bfloat16'",
+    ]
+    assert "more)" not in str(e.value)
+
+
+def test_union_errors_name_the_field_once(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        _load(tmp_path, "base_model: b\ngate_mode: random\nexperts:\n  - source_model: [a, b]\n  - source_model: {lora: x}\n")
+    assert [l.split(": ", 1)[1] for l in str(e.value).splitlines()] == [
+        "experts.0.source_model: Input should be a valid string or a valid dictionary or instance of ModelSpec",
+        "experts.1.source_model.model: Field required",
+    ]
+
+
+def test_mergekit_shapes_of_a_value(tmp_path):
+    """A single prompt as a string, and mergekit's {path, revision} model form."""
+    text = ("base_model: b\nexperts:\n  - source_model: {model: {path: org/a, revision: v1}}\n    positive_prompts: one\n"
+            "  - source_model: c\n    positive_prompts: [two]\n    negative_prompts: one\n")
+    config = _load(tmp_path, text)
+    assert config.experts[0].positive_prompts == ["one"] and config.experts[1].negative_prompts == ["one"]
+    assert str(config.experts[0].source_model) == "org/a@v1"

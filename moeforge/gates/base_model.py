@@ -16,7 +16,7 @@ import warnings
 from typing import Iterator, List, Optional
 
 from moeforge.errors import SourceError
-from moeforge.gates.prompts import load_tokenizer, tokenize
+from moeforge.gates.prompts import load_tokenizer, pad_id, tokenize
 
 log = logging.getLogger("moeforge")
 
@@ -123,7 +123,7 @@ class BaseModel:
 
     def prompt_states(self, prompts: List[str], average: bool) -> List["object"]:
         """(layers, hidden) float32 per prompt: the residual stream entering each layer at the prompt's last real
-        token, or averaged over its real tokens."""
+        token, or averaged over its real tokens; None for a prompt without tokens."""
         import torch
 
         n_layers = self.inputs.num_layers
@@ -156,10 +156,18 @@ class BaseModel:
         import torch
         from tqdm.auto import tqdm
 
-        ids = tokenize(self.tok, prompts)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        embedding = self.model.get_input_embeddings()
+        rows, device = embedding.weight.shape[0], embedding.weight.device
+        ids = tokenize(self.tok, prompts, rows, getattr(self.model.config, "max_position_embeddings", None))
+        order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
+        if len(order) < len(ids):  # only without a bos token: nothing to run, nothing to average
+            if not order:
+                raise SourceError(f"{self.inputs.base.label}: no prompt has a token (all are empty, and the "
+                                  "tokenizer has no bos token to stand for an empty prompt)")
+            log.warning("%d empty prompt(s) ignored: the tokenizer has no bos token to stand for them",
+                        len(ids) - len(order))
         step = max(1, self.inputs.options.prompt_batch_size)
-        device = self.model.get_input_embeddings().weight.device
+        pad = pad_id(self.tok, rows)
         captured: List = []
         hooks = _mlp_input_hooks(self.model, self.inputs.num_layers, captured) if capture_mlp_inputs else []
         try:
@@ -167,7 +175,7 @@ class BaseModel:
                               disable=self.inputs.options.quiet or len(order) <= step):
                 indices = order[start:start + step]
                 width = len(ids[indices[0]])
-                input_ids = torch.full((len(indices), width), self.tok.pad_token_id, dtype=torch.long)
+                input_ids = torch.full((len(indices), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(indices), width), dtype=torch.long)
                 for row, i in enumerate(indices):  # right padding: real tokens never attend to pads
                     input_ids[row, : len(ids[i])] = torch.tensor(ids[i])

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence
 
 from moeforge.config import Expert
+from moeforge.errors import SourceError
 from moeforge.gates.degenerate import warn_degenerate
 from moeforge.options import BuildOptions
 from moeforge.sources.checkpoint import Checkpoint
@@ -84,7 +85,14 @@ def _hidden(average: bool):
         prompts = prompt_table(inputs.experts)[0]
         with BaseModel(inputs) as base:  # one batched pass over every expert's prompts
             states = dict(zip(prompts, base.prompt_states(prompts, average)))
-        gates = prompt_vectors(inputs.experts, lambda ps: torch.stack([states[p] for p in ps]).mean(0))
+
+        def encode(ps: List[str]):
+            found = [states[p] for p in ps if states[p] is not None]
+            if not found:
+                raise SourceError(f"prompts {ps!r}: none has a token (the base's tokenizer has no bos token)")
+            return torch.stack(found).mean(0)
+
+        gates = prompt_vectors(inputs.experts, encode)
         return gates, gates
 
     return run

@@ -132,7 +132,7 @@ def inspect_model(model_dir, prompts: Sequence[Prompt], device: str = "auto", dt
     from transformers import AutoModelForCausalLM
 
     from moeforge.gates.loading import device_map
-    from moeforge.gates.prompts import load_tokenizer_at, tokenize
+    from moeforge.gates.prompts import load_tokenizer_at, pad_id, tokenize
     from moeforge.inspect.routers import RouterRecorder, moe_shape
 
     model_dir = Path(model_dir)
@@ -154,7 +154,9 @@ def inspect_model(model_dir, prompts: Sequence[Prompt], device: str = "auto", dt
         raise SourceError(f"{model_dir}: transformers cannot load it ({type(e).__name__}: {str(e)[:300]})") from None
 
     hidden = model.config.hidden_size
-    ids = tokenize(tok, [p.text for p in prompts])
+    rows = model.get_input_embeddings().weight.shape[0]
+    ids = tokenize(tok, [p.text for p in prompts], rows, getattr(model.config, "max_position_embeddings", None))
+    pad = pad_id(tok, rows)
     skip_first = tok.bos_token is not None
     recorder = RouterRecorder(model, num_experts, hidden)
     n_layers = len(recorder.layers)
@@ -168,7 +170,7 @@ def inspect_model(model_dir, prompts: Sequence[Prompt], device: str = "auto", dt
         for start in tqdm(range(0, len(ids), batch_size), desc="routing prompts", unit="batch", disable=quiet):
             batch, batch_labels = ids[start:start + batch_size], labels[start:start + batch_size]
             width = max(len(x) for x in batch)
-            input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, x in enumerate(batch):
                 input_ids[row, : len(x)] = torch.tensor(x)

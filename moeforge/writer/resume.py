@@ -51,7 +51,8 @@ log = logging.getLogger("moeforge")
 STATE = ".moeforge-resume.json"
 PARTIAL_TAG = "moeforge-partial-"
 # Options that do not change a single output byte, so they may differ between a build and its resume.
-_NOT_IN_KEY = {"overwrite", "quiet", "verbose", "resume", "check_finite", "trust_remote_code", "allow_all_same"}
+_NOT_IN_KEY = {"overwrite", "quiet", "verbose", "resume", "check_finite", "trust_remote_code", "allow_all_same",
+               "strict"}
 # Test hook: stop (sleeping) once this many shards are complete and recorded, so a test can kill the build
 # at a known point. Never set it outside tests.
 HOLD_ENV = "MOEFORGE_TEST_HOLD_AFTER_SHARDS"
