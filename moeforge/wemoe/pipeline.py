@@ -75,6 +75,20 @@ def make_accelerator(device: str):
     return Accelerator(cpu=device == "cpu")
 
 
+def check(config_or_path: Union[WEMoEConfig, dict, str, Path]) -> dict:
+    """What `run` checks before it builds anything, without building: the config, every task's data, and every
+    source's type (config.json and headers only). Returns the number of inputs of each task."""
+    from moeforge.wemoe.data import load_task_data
+    from moeforge.wemoe.families import family_named
+    from moeforge.wemoe.model import open_sources
+
+    config = load_wemoe_config(config_or_path)
+    family = family_named(config.family)
+    sizes = {t.name: len(load_task_data(t, family.data_kind, f"experts.{i}.data")) for i, t in enumerate(config.experts)}
+    open_sources(config, family).close()
+    return sizes
+
+
 def run(config_or_path: Union[WEMoEConfig, dict, str, Path], out_dir: Union[str, Path], **options) -> WEMoEResult:
     """Merge, adapt the routers at test time and write OUT (see WEMoEOptions for the keyword options)."""
     from moeforge.wemoe.data import load_task_data
