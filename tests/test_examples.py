@@ -182,3 +182,11 @@ def test_example_plans_on_stand_ins(path, stand_ins, tmp_path):
     text = "\n".join(report.lines())
     if recipe.get("architecture"):
         assert recipe["architecture"] in text, text
+
+
+def test_readme_quickstart_recipe_plans_on_stand_ins(stand_ins, tmp_path):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    recipe = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    from moeforge.builder import dry_run
+
+    assert "mixtral" in "\n".join(dry_run(_localize(recipe, stand_ins, tmp_path / "data"), tmp_path / "out").lines())
