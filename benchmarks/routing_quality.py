@@ -21,63 +21,10 @@ import torch
 import yaml
 
 import moeforge
-from moeforge.toy import make_dense
+from moeforge.toy import TASKS, make_dense, texts
 
 MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "fitted")
 BATCH = 32
-
-_NAMES = ["add", "mul", "sub", "scale", "shift", "clip", "norm", "step", "area", "sum_up"]
-_OPS = ["+", "-", "*", "//", "%"]
-_NOUNS = ["dragon", "knight", "girl", "king", "fox", "witch", "sailor", "baker", "wolf", "queen"]
-_ADJS = ["old", "brave", "small", "dark", "quiet", "clever", "tired", "happy", "strange", "wild"]
-_VERBS = ["found", "chased", "helped", "watched", "followed", "met", "fed", "called", "feared", "saved"]
-_PLACES = ["forest", "castle", "river", "village", "mountain", "harbor", "garden", "cave"]
-_NOMEN = ["Hund", "Katze", "Mann", "Frau", "Kind", "Lehrer", "Vogel", "Baum", "Stadt", "Freund"]
-_ADJ_DE = ["alte", "kleine", "schnelle", "gute", "neue", "dunkle", "ruhige", "starke"]
-_VERB_DE = ["sieht", "findet", "ruft", "hilft", "kennt", "sucht", "liebt", "fragt"]
-_ORT = ["im Wald", "in der Stadt", "am Fluss", "zu Hause", "im Garten", "auf dem Berg"]
-
-
-def code(r: random.Random) -> str:
-    n, op, k = r.choice(_NAMES), r.choice(_OPS), r.randint(1, 99)
-    return r.choice([
-        f"def {n}(x): return x {op} {k}",
-        f"for i in range({k}): print(i {op} {r.randint(1, 9)})",
-        f"if x > {k}: x = {n}(x {op} {r.randint(1, 9)})",
-        f"while n < {k}: n = n {op} {r.randint(2, 9)}",
-    ])
-
-
-def math(r: random.Random) -> str:
-    a, b = r.randint(1, 99), r.randint(1, 99)
-    op = r.choice(["+", "-", "*"])
-    c = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return r.choice([f"{a} {op} {b} = {c}", f"Solve: {a} {op} {b} = {c}", f"We get {a} {op} {b} = {c}."])
-
-
-def story(r: random.Random) -> str:
-    return r.choice([
-        f"The {r.choice(_ADJS)} {r.choice(_NOUNS)} {r.choice(_VERBS)} the {r.choice(_NOUNS)} in the {r.choice(_PLACES)}.",
-        f"Once upon a time a {r.choice(_ADJS)} {r.choice(_NOUNS)} lived near the {r.choice(_PLACES)}.",
-        f"One day the {r.choice(_NOUNS)} {r.choice(_VERBS)} a {r.choice(_ADJS)} {r.choice(_NOUNS)}.",
-    ])
-
-
-def german(r: random.Random) -> str:
-    return r.choice([
-        f"Der {r.choice(_ADJ_DE)} {r.choice(_NOMEN)} {r.choice(_VERB_DE)} den {r.choice(_NOMEN)} {r.choice(_ORT)}.",
-        f"Heute {r.choice(_VERB_DE)} die {r.choice(_ADJ_DE)} {r.choice(_NOMEN)} einen {r.choice(_NOMEN)}.",
-        f"Ich glaube, das {r.choice(_ADJ_DE)} {r.choice(_NOMEN)} ist {r.choice(_ORT)}.",
-    ])
-
-
-TASKS = {"code": code, "math": math, "story": story, "german": german}
-
-
-def texts(task: str, count: int, seed: int):
-    r = random.Random(f"{task}:{seed}")
-    return [TASKS[task](r) for _ in range(count)]
-
 
 def make_models(work: Path, seed: int, layers: int, steps_base: int, steps_expert: int, train_count: int,
                 lr_expert: float, bos: bool, vocab: int, tune: str):

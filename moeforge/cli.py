@@ -365,6 +365,16 @@ def verify_cmd(out_path, quick, verbose):
     sys.exit(0 if report.ok else 1)
 
 
+@cli.command("schema")
+@click.argument("kind", metavar="[build|wemoe]", type=click.Choice(["build", "wemoe"]), default="build")
+@click.option("--markdown", is_flag=True, help="Print the configuration reference (docs/configuration.md) instead.")
+def schema_cmd(kind, markdown):
+    """Print the JSON Schema of build (default) or wemoe recipes, for editors that validate YAML."""
+    from moeforge import schema
+
+    click.echo(schema.markdown() if markdown else schema.json_text(kind), nl=False)
+
+
 @contextlib.contextmanager
 def _sigterm_interrupts():
     """SIGTERM (kill, systemd, a batch scheduler) is handled like Ctrl-C: the partial build is kept."""

@@ -48,8 +48,8 @@ class YamlConfig(_Strict):
 class ModelSpec(_Strict):
     """`{model: ..., lora: ...}`, the long form of `model+lora`."""
 
-    model: str = Field(min_length=1)
-    lora: Optional[str] = None
+    model: str = Field(min_length=1, description="The model the adapter was trained on: a local directory, `org/name` or `org/name@revision`.")
+    lora: Optional[str] = Field(None, description="A PEFT LoRA adapter (directory or Hub id) whose delta is added to `model`'s tensors.")
 
     @field_validator("model", "lora", mode="before")
     @classmethod
@@ -72,8 +72,8 @@ def _model_text(v):
 class LayerSource(_Strict):
     """One model's MLPs for the layers [start, end) of an expert (per-layer expert choice)."""
 
-    model: Union[str, ModelSpec]
-    layers: Tuple[int, int]
+    model: Union[str, ModelSpec] = Field(description="The model these layers' MLPs come from: a reference, `model+adapter`, or `{model, lora}`.")
+    layers: Tuple[int, int] = Field(description="`[start, end)`: the layers this model fills. The ranges of one expert cover every layer once.")
 
     _as_text = field_validator("model", mode="after")(_model_text)
 
@@ -89,12 +89,24 @@ class LayerSource(_Strict):
 
 
 class Expert(_Strict):
-    source_model: Optional[Union[str, ModelSpec]] = None
-    sources: Optional[List[LayerSource]] = Field(default=None, min_length=1)
-    positive_prompts: Optional[List[str]] = None
-    negative_prompts: Optional[List[str]] = None
-    noise_scale: Optional[float] = Field(default=None, ge=0)
-    residual_scale: Optional[float] = None
+    """One expert: the model its MLPs come from and the prompts its router row is made from."""
+
+    source_model: Optional[Union[str, ModelSpec]] = Field(None, description=(
+        "The model whose MLPs this expert takes: a local directory, `org/name`, `org/name@revision`, "
+        "`model+adapter` (a LoRA adapter applied to model) or `{model, lora}`. Give this or `sources`."))
+    sources: Optional[List[LayerSource]] = Field(default=None, min_length=1, description=(
+        "Per-layer models instead of `source_model`: `{model, layers: [start, end)}` entries that cover "
+        "every layer of the base once."))
+    positive_prompts: Optional[List[str]] = Field(None, description=(
+        "Example inputs this expert should receive. Required unless `gate_mode` is `random` or "
+        "`uniform_random`; `deepseek` shared experts take none."))
+    negative_prompts: Optional[List[str]] = Field(None, description=(
+        "Inputs this expert should not receive: subtracted from its router row (`hidden*`, `cheap_embed`) "
+        "or fitted to a low probability (`fitted`)."))
+    noise_scale: Optional[float] = Field(default=None, ge=0, description=(
+        "Standard deviation of Gaussian noise added to this expert's weights, seeded per tensor from "
+        "`--random-seed`."))
+    residual_scale: Optional[float] = Field(None, description="Multiplies this expert's down_proj, so its output.")
 
     _as_text = field_validator("source_model", mode="after")(_model_text)
 
@@ -141,11 +153,16 @@ class Expert(_Strict):
 class Upcycle(_Strict):
     """One dense model becomes N experts (sparse upcycling); see moeforge/plan/upcycle.py."""
 
-    source_model: str = Field(min_length=1)
-    num_experts: int = Field(ge=1)
-    noise_scale: Optional[float] = Field(default=None, ge=0)
-    drop_ratio: float = Field(default=0.0, ge=0, le=1)  # Drop-Upcycling's r
-    granularity: int = Field(default=1, ge=1)  # fine-grained experts: g segments per copy
+    source_model: str = Field(min_length=1, description="The dense model to upcycle; it is also the base model.")
+    num_experts: int = Field(ge=1, description="N: copies of the dense MLP (times `granularity` experts in all).")
+    noise_scale: Optional[float] = Field(default=None, ge=0, description=(
+        "Standard deviation of Gaussian noise added to each copy's weights, a different draw per copy."))
+    drop_ratio: float = Field(default=0.0, ge=0, le=1, description=(
+        "Drop-Upcycling's r: per layer and expert, this share of intermediate neurons is re-drawn from "
+        "N(mean, std) of its matrix."))
+    granularity: int = Field(default=1, ge=1, description=(
+        "Fine-grained experts: each copy is split into g segments of intermediate_size/g neurons, so g*N "
+        "experts and top-k times g; the build starts equal to the dense model."))
 
 
 class MoEConfig(YamlConfig):
@@ -153,17 +170,31 @@ class MoEConfig(YamlConfig):
 
     ignores_unknown_keys: ClassVar[bool] = True  # as mergekit-moe does, but said
 
-    base_model: str = Field(min_length=1)
-    experts: List[Expert] = Field(min_length=1)
-    gate_mode: GateMode = "hidden"
-    dtype: Optional[DType] = None
-    experts_per_token: int = 2
-    shared_experts: Optional[List[Expert]] = None
-    architecture: Optional[str] = None
-    # Rescale the top-k router weights to sum to 1 (`norm_topk_prob`). Default true: identical experts then
-    # reproduce the dense base. Each layout's runtime facts (layouts/runtimes.py) say where either value differs.
-    renormalize: Optional[bool] = None
-    upcycle: Optional[Upcycle] = None
+    base_model: str = Field(min_length=1, description=(
+        "The model whose attention, norms, embeddings, lm_head and tokenizer the MoE keeps: a local "
+        "directory, `org/name` or `org/name@revision`. Not allowed with `upcycle`."))
+    experts: List[Expert] = Field(min_length=1, description=(
+        "The routed experts, in router order. Each gives the MLP of every layer. Not allowed with `upcycle`."))
+    gate_mode: GateMode = Field("hidden", description=(
+        "How router weights are made: `hidden`/`hidden_last`, `hidden_avg`, `cheap_embed`, `random`, "
+        "`uniform_random` (mergekit-moe's modes) or `fitted` (fitted to the prompts' router inputs). "
+        "See docs/gate-modes.md. With `upcycle` the default is `uniform_random`."))
+    dtype: Optional[DType] = Field(None, description=(
+        "Output dtype (`fp32`, `fp16`, `half`, `bf16` are accepted too). Default: the base model's dtype."))
+    experts_per_token: int = Field(2, description="Top-k: the number of routed experts each token goes to.")
+    shared_experts: Optional[List[Expert]] = Field(None, description=(
+        "Experts every token goes through. `qwen`: one or more, joined into the one gated shared expert "
+        "(their prompts make its gate). `deepseek`: any number, ungated, without prompts."))
+    architecture: Optional[str] = Field(None, description=(
+        "Output layout, for example `mixtral`, `qwen`, `qwen3` or `deepseek` (all of them: docs/layouts.md). "
+        "Default: the first layout that accepts the inputs and the shared experts."))
+    renormalize: Optional[bool] = Field(None, description=(
+        "Rescale the top-k router weights to sum to 1 (`norm_topk_prob`). Default true: identical experts then "
+        "reproduce the dense base. Where either value computes differently in a runtime (llama.cpp), the build "
+        "says so: docs/runtimes.md."))
+    upcycle: Optional[Upcycle] = Field(None, description=(
+        "Sparse upcycling: one dense model becomes the base and N expert copies. Replaces `base_model`, "
+        "`experts` and `shared_experts`."))
 
     @model_validator(mode="before")
     @classmethod

@@ -15,38 +15,63 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 class TTAOptions(_Strict):
     """Test-time adaptation; defaults are FusionBench's for CLIP."""
 
-    optimizer: Literal["adam"] = "adam"
-    lr: float = Field(1.0e-4, gt=0)
-    max_steps: int = Field(1000, ge=0)
-    batch_size: int = Field(16, ge=1)
-    grad_accumulate: bool = True
-    checkpoint_every: int = Field(100, ge=0)  # 0: never
-    num_workers: int = Field(0, ge=0)
+    optimizer: Literal["adam"] = Field("adam", description="Adam, on the router parameters only.")
+    lr: float = Field(1.0e-4, gt=0, description="Learning rate.")
+    max_steps: int = Field(1000, ge=0, description="Adaptation steps; each step draws one batch per task.")
+    batch_size: int = Field(16, ge=1, description="Inputs per task and per process in each step.")
+    grad_accumulate: bool = Field(True, description=(
+        "Backward task by task (less memory). With false the task losses are summed and backward runs once; "
+        "the gradient is the same."))
+    checkpoint_every: int = Field(100, ge=0, description="Save a resumable checkpoint every K steps (0: never).")
+    num_workers: int = Field(0, ge=0, description="DataLoader processes per task, for image decoding.")
 
 
 class Task(_Strict):
     """One fine-tuned model and the unlabeled inputs of its task."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    source_model: str = Field(min_length=1)
-    data: str = Field(min_length=1)
-    classes: Optional[List[str]] = None
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", description=(
+        "The task's name: letters, digits, `.`, `_`, `-`; unique."))
+    source_model: str = Field(min_length=1, description=(
+        "The model fine-tuned on this task from `base_model` (clip-vision: a CLIPModel or CLIPVisionModel)."))
+    data: str = Field(min_length=1, description=(
+        "The task's unlabeled inputs: an image folder with one subfolder per class, a `datasets` "
+        "`save_to_disk` directory, or (causal-lm) a `.txt` (one text per line) or `.jsonl` (`{\"text\": ...}`) file."))
+    classes: Optional[List[str]] = Field(None, description="clip-vision only, required: class names for the zero-shot head.")
 
 
 class WEMoEConfig(YamlConfig):
-    family: Family
-    base_model: str = Field(min_length=1)
-    experts: List[Task] = Field(min_length=1)
-    templates: Optional[List[str]] = None
-    init_lambda: float = 0.3
-    router_hidden_layers: int = Field(2, ge=0, le=2)
-    router_init_std: float = Field(0.01, ge=0)
-    batch_reduce: bool = True
-    sparsity: Optional[float] = Field(None, ge=0, lt=1)
-    shared_router: Optional[bool] = None
-    max_length: int = Field(128, ge=2)
-    seed: int = 0
-    tta: TTAOptions = TTAOptions()
+    """A `moeforge wemoe` recipe: a pretrained model, one fine-tuned model per task, and each task's inputs."""
+
+    family: Family = Field(description=(
+        "`clip-vision`: a transformers CLIP model; only the vision tower is merged and routed, heads are "
+        "zero-shot from the class names. `causal-lm`: a causal LM whose decoder blocks have an `mlp`; "
+        "every weight is merged."))
+    base_model: str = Field(min_length=1, description=(
+        "The pretrained model the experts were fine-tuned from (clip-vision: a CLIPModel with its text "
+        "tower, tokenizer and image processor)."))
+    experts: List[Task] = Field(min_length=1, description="One fine-tuned model per task, with the task's inputs.")
+    templates: Optional[List[str]] = Field(None, description=(
+        "clip-vision only: prompt templates for the zero-shot head, each with `{}` for the class name. "
+        "Default: `[\"a photo of a {}.\"]`."))
+    init_lambda: float = Field(0.3, description="The task-arithmetic scale, and the initial bias of each router output.")
+    router_hidden_layers: int = Field(2, ge=0, le=2, description=(
+        "0: one learned weight per task (input-independent). 1: `Linear(H, N)`. "
+        "2: `Linear(H, H)`, ReLU, `Linear(H, N)`. No softmax."))
+    router_init_std: float = Field(0.01, ge=0, description=(
+        "Std of the router weights at initialisation (output bias `init_lambda`, hidden bias 0). With 0, "
+        "step 0 is exactly task arithmetic."))
+    batch_reduce: bool = Field(True, description=(
+        "During adaptation, also average the routing weights over the batch (one merged MLP per batch). "
+        "A loaded model always routes sample by sample."))
+    sparsity: Optional[float] = Field(None, ge=0, lt=1, description=(
+        "E-WEMoE: keep only the largest-magnitude `1 - sparsity` share of each MLP task vector's entries, "
+        "per tensor and per task (0.9 in the paper)."))
+    shared_router: Optional[bool] = Field(None, description=(
+        "One router shared by every block (E-WEMoE) instead of one per block. Default: true when "
+        "`sparsity` is set."))
+    max_length: int = Field(128, ge=2, description="causal-lm: tokens per text.")
+    seed: int = Field(0, description="Seed of the router initialisation and the batch order.")
+    tta: TTAOptions = Field(TTAOptions(), description="Test-time adaptation of the routers.")
 
     @model_validator(mode="after")
     def _check(self) -> "WEMoEConfig":

@@ -75,9 +75,28 @@ def make_accelerator(device: str):
     return Accelerator(cpu=device == "cpu")
 
 
+def check(config_or_path: Union[WEMoEConfig, dict, str, Path]) -> dict:
+    """What `run` checks before it builds anything, without building: the config, every task's data, and every
+    source's type (config.json and headers only). Returns the number of inputs of each task."""
+    from moeforge.wemoe.families import family_named
+    from moeforge.wemoe.model import open_sources
+
+    config = load_wemoe_config(config_or_path)
+    family = family_named(config.family)
+    data = task_data(config, family)
+    open_sources(config, family).close()
+    return {name: len(items) for name, items in data.items()}
+
+
+def task_data(config: WEMoEConfig, family) -> dict:
+    """Each task's inputs by task name; a missing or unreadable data set is a one-line ConfigError."""
+    from moeforge.wemoe.data import load_task_data
+
+    return {t.name: load_task_data(t, family.data_kind, f"experts.{i}.data") for i, t in enumerate(config.experts)}
+
+
 def run(config_or_path: Union[WEMoEConfig, dict, str, Path], out_dir: Union[str, Path], **options) -> WEMoEResult:
     """Merge, adapt the routers at test time and write OUT (see WEMoEOptions for the keyword options)."""
-    from moeforge.wemoe.data import load_task_data
     from moeforge.wemoe.families import family_named
     from moeforge.writer.output_dir import atomic_output_dir, check_output_path
 
@@ -86,7 +105,7 @@ def run(config_or_path: Union[WEMoEConfig, dict, str, Path], out_dir: Union[str,
     out = Path(out_dir)
     check_output_path(out, opts.overwrite)
     family = family_named(config.family)
-    data = {t.name: load_task_data(t, family.data_kind, f"experts.{i}.data") for i, t in enumerate(config.experts)}
+    data = task_data(config, family)
     accelerator = make_accelerator(opts.device)  # bad input is reported above, before torch is imported
     from moeforge.wemoe.export import sources_record, write_output
     from moeforge.wemoe.model import build_wemoe_model, open_sources
