@@ -37,7 +37,7 @@ def source(download: bool = False) -> Path:
         raise Unavailable(f"llama-cpp-python=={SDIST_VERSION} sdist not in {WORK}: run scripts/setup.sh")
     if not archive.is_file():
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
-               "--no-build-isolation", f"llama-cpp-python=={SDIST_VERSION}", "-d", str(WORK)]
+               f"llama-cpp-python=={SDIST_VERSION}", "-d", str(WORK)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0 or not archive.is_file():
             raise Unavailable(f"cannot download llama-cpp-python=={SDIST_VERSION}: {done.stderr.strip()[-300:]}")

@@ -14,6 +14,7 @@ llama.cpp's converter takes default, linear and YaRN RoPE but stops at rope_type
 architecture has no rope_freqs tensor); docs/adding-a-layout.md lists what each runtime reads.
 """
 from moeforge.layouts.base import Layout, MoEShape, Packed
+from moeforge.layouts.runtimes import LLAMA_CPP, TRANSFORMERS, VLLM, Runtime
 
 _MOE = "model.layers.{layer}.block_sparse_moe"
 _SHARED = "model.layers.{layer}.shared_mlp"
@@ -54,6 +55,12 @@ GRANITE_MOE_SHARED = Layout(
     config_class="GraniteMoeSharedConfig",
     model_type="granitemoeshared",
     expert_count_key="num_local_experts",
+    renormalize_key=None,  # its router softmaxes over the top-k logits: always renormalised
+    runtimes=(
+        Runtime(TRANSFORMERS, "GraniteMoeSharedForCausalLM"),
+        Runtime(VLLM, "GraniteMoeSharedForCausalLM (renormalize=True)"),
+        Runtime(LLAMA_CPP, "granitemoe graph (renormalises top-k); rope_type llama3 inputs do not convert"),
+    ),
     max_shared_experts=None,
     shared_expert={
         "gate": _SHARED + ".gate_proj",
