@@ -408,7 +408,8 @@ def _base_dims(base: Checkpoint) -> Tuple[int, int]:
 
 class ExpertChecks:
     """Every expert must fit the base: family (unless --allow-crimes), hidden size, depth, and MLP tensors
-    present and consistent; routed experts (and DeepSeek's shared ones) share one intermediate size."""
+    present and consistent; routed experts (and shared ones, where the layout gives them the routed width) share
+    one intermediate size."""
 
     def __init__(self, families: Tuple[str, ...], family_rule: str, whose: str, layout, num_layers: int, hidden: int,
                  opts: BuildOptions, routed_inter=None):
@@ -441,7 +442,7 @@ class ExpertChecks:
                 )
         if self.routed_inter is None:
             self.routed_inter = inter
-        elif inter != self.routed_inter and (not is_shared or self.layout.name == "deepseek"):
+        elif inter != self.routed_inter and (not is_shared or self.layout.shared_width_is_routed):
             kind = "shared expert" if is_shared else "expert"
             raise SourceError(
                 f"{expert.label}: {kind} intermediate size {inter} differs from the routed experts' "

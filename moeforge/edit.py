@@ -173,8 +173,9 @@ def add_expert(moe_dir, expert_model: str, prompts: Sequence[str] = (), negative
         tensors.sort(key=lambda t: sort_key(t.name))
 
         def side_files(tmp: Path) -> None:
-            moe_config = dict(moe.ckpt.config)
-            moe_config[moe.layout.expert_count_key] = index + 1
+            dtype = moe.ckpt.config_value("dtype") or moe.ckpt.config_value("torch_dtype")
+            moe_config = moe.layout.model_config(moe.ckpt.config, dataclasses.replace(moe.shape, num_experts=index + 1),
+                                                 dtype)
             (tmp / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             _copy_other_files(moe.path, tmp, skip=(RESOLVED_CONFIG,))
             if config is not None:

@@ -128,3 +128,15 @@ def test_cli_extract_and_add_expert(models, moe, tmp_path):
     assert r.returncode == 0 and "expert 2 added" in r.stderr, r.stderr
     recipe = moeforge.MoEConfig.from_yaml(tmp_path / "y" / "moeforge_config.yml")
     assert recipe.experts[2].positive_prompts == ["Once", "upon"]
+
+
+def test_qwen3_moe_that_moeforge_built_can_be_edited(qwen_models, tmp_path):
+    """transformers 5 writes Qwen3-MoE's expert count as num_local_experts; the layout reads either spelling."""
+    q = qwen_models["qwen3"]
+    moeforge.build(expert_config(q, [q, q], gate_mode="random"), tmp_path / "moe", quiet=True, allow_all_same=True)
+    add_expert(tmp_path / "moe", q, out_dir=tmp_path / "more", gate_mode="random", quiet=True)
+    config = json.loads((tmp_path / "more" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert (config.get("num_experts") or config.get("num_local_experts")) == 3
+    extract_expert(tmp_path / "more", 2, tmp_path / "dense", quiet=True)
+    assert json.loads((tmp_path / "dense" / "config.json").read_text())["model_type"] == "qwen3"

@@ -21,6 +21,11 @@ def layout_named(name: str) -> Layout:
     raise ConfigError(f"architecture: {name!r} is not an output layout (choose from {', '.join(l.name for l in LAYOUTS)})")
 
 
+def layout_of_config(config: dict) -> Optional[Layout]:
+    """The layout a checkpoint's config.json is written in, or None."""
+    return next((l for l in LAYOUTS if l.recognises(config)), None)
+
+
 def _check_some_layout_fits(family: str, features) -> None:
     """Inputs no layout can express are refused with what is missing, whatever `architecture` says."""
     if any(l.refusal(family, features) is None for l in LAYOUTS):
@@ -58,4 +63,4 @@ def select_layout(
     raise ConfigError(f"architecture: {'; '.join(reasons)}{hint}")
 
 
-__all__ = ["Layout", "MoEShape", "LAYOUTS", "select_layout", "layout_named"]
+__all__ = ["Layout", "MoEShape", "LAYOUTS", "select_layout", "layout_named", "layout_of_config"]

@@ -29,15 +29,65 @@ class Layout:
     router: str  # with {layer}
     moe_config: Callable[[MoEShape], dict]
     config_class: Optional[str] = None  # transformers class that validates and fills the config, if native
-    model_type: Optional[str] = None  # for layouts without a transformers class
+    model_type: Optional[str] = None  # config.json's model_type
     max_shared_experts: Optional[int] = 0  # None: any number (concatenated into one MLP)
     min_shared_experts: int = 0
     shared_expert: Optional[Dict[str, str]] = None  # role -> name with {layer}
     shared_router: Optional[str] = None  # a gated shared expert's router row, with {layer}
     required_features: FrozenSet[str] = frozenset()  # filled with zeros when the input lacks them
     expert_count_key: str = "num_experts"  # config.json key holding the number of routed experts
+    # config key -> other spellings of it that readers accept (transformers 5 renamed some keys)
+    key_aliases: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # True: each shared expert has the routed experts' width and the config counts them (DeepSeek);
+    # False: shared experts of any width are concatenated and the config holds the total width (Qwen2-MoE)
+    shared_width_is_routed: bool = False
     dense_model_type: str = "llama"  # the dense family one expert plus the attention is (moeforge extract)
+    # files written beside the weights, name -> text (e.g. remote code the layout's readers need)
+    extra_files: Callable[[], Dict[str, str]] = dict
     notes: str = ""
+
+    def recognises(self, config: dict) -> bool:
+        """Whether a checkpoint's config.json is one of this layout's (by class name, else model_type)."""
+        archs = config.get("architectures") or []
+        if archs:
+            return any(a in self.architectures for a in archs)
+        return config.get("model_type") == self.model_type
+
+    def dense_type(self, config: dict) -> str:
+        """model_type of the dense model with this MoE's attention and one expert's MLP (`moeforge extract`,
+        and the dense part `verify` expects); a sliding window makes a Llama twin a Mistral."""
+        if self.dense_model_type == "llama" and config.get("sliding_window") is not None:
+            return "mistral"
+        return self.dense_model_type
+
+    def config_value(self, config: dict, key: str):
+        """`key` from a config.json, under any spelling this layout's readers accept."""
+        for k in (key,) + self.key_aliases.get(key, ()):
+            if config.get(k) is not None:
+                return config[k]
+        return None
+
+    def shape_of(self, config: dict) -> MoEShape:
+        """The numbers `moe_config` wrote into a config.json, read back (missing keys read as 0).
+
+        `moe_config` is probed with distinct numbers, so each layout states its keys once."""
+        probe = MoEShape(1_000_003, 1_000_033, 1_000_037, 1_000_039, 1_000_081)
+        key_of = {v: k for k, v in self.moe_config(probe).items() if isinstance(v, int) and not isinstance(v, bool)}
+        values = {}
+        for f in dataclasses.fields(MoEShape):
+            key = key_of.get(getattr(probe, f.name))
+            value = self.config_value(config, key) if key else None
+            values[f.name] = value if isinstance(value, int) and not isinstance(value, bool) else 0
+        if self.shared_width_is_routed:
+            values["shared_intermediate_size"] = values["num_shared_experts"] * values["intermediate_size"]
+        elif values["shared_intermediate_size"]:
+            values["num_shared_experts"] = values["num_shared_experts"] or 1  # one MLP, however many went in
+        return MoEShape(**values)
+
+    def moe_keys(self) -> FrozenSet[str]:
+        """Every config key this layout's MoE part writes or reads (for rewriting a config with a new shape)."""
+        keys = set(self.moe_config(MoEShape(1, 1, 1)))
+        return frozenset(keys.union(*self.key_aliases.values()) if self.key_aliases else keys)
 
     def expert_name(self, role: str, layer: int, expert: int) -> str:
         return self.expert[role].format(layer=layer, expert=expert)
@@ -72,7 +122,7 @@ class Layout:
     def model_config(self, base_config: dict, shape: MoEShape, dtype: str) -> dict:
         """The output's config.json: the base's keys plus this layout's MoE keys, validated by transformers
         where the layout has a native class."""
-        keys = {k: v for k, v in base_config.items() if k not in _NOT_CARRIED}
+        keys = {k: v for k, v in base_config.items() if k not in _NOT_CARRIED and k not in self.moe_keys()}
         keys.update(self.moe_config(shape))
         if self.config_class is None:
             return {"architectures": list(self.architectures), "model_type": self.model_type,

@@ -23,5 +23,7 @@ MIXTRAL = Layout(
     router="model.layers.{layer}.block_sparse_moe.gate.weight",
     moe_config=_moe_config,
     config_class="MixtralConfig",
+    model_type="mixtral",
     expert_count_key="num_local_experts",
+    key_aliases={"num_local_experts": ("num_experts",)},
 )

@@ -13,5 +13,7 @@ QWEN3_MOE = Layout(
     router="model.layers.{layer}.mlp.gate.weight",
     moe_config=qwen_moe_keys,
     config_class="Qwen3MoeConfig",
+    model_type="qwen3_moe",
+    key_aliases={"num_experts": ("num_local_experts",)},  # transformers 5 writes num_local_experts
     dense_model_type="qwen3",
 )
