@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from moeforge._version import __version__
+from moeforge.files import CARD, RESOLVED_CONFIG
+from moeforge.units import human_count
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
-    from moeforge.builder import Inputs
+    from moeforge.pipeline.inputs import Inputs
 
 log = logging.getLogger("moeforge")
 
-CARD_NAME = "README.md"
 # Placeholder for the usage snippet when the repo id is not known yet; `moeforge upload` fills it in.
 MODEL_ID_PLACEHOLDER = "path/to/this/model"
 MODEL_ID_LINE = re.compile(r'^model_id = "[^"\n]*"$', re.MULTILINE)
@@ -75,7 +76,7 @@ def make_card(
     total_params: int,
     active_params: int,
     config_text: str,
-    config_name: str = "moeforge_config.yml",
+    config_name: str = RESOLVED_CONFIG,
     gate_mode: Optional[str] = None,
     experts_per_token: Optional[int] = None,
     model_id: Optional[str] = None,
@@ -157,7 +158,7 @@ def source_info(ref: str, path: Path) -> CardSource:
 
 def license_of(model_dir: Path) -> Optional[License]:
     meta: Dict = {}
-    readme = Path(model_dir) / CARD_NAME
+    readme = Path(model_dir) / CARD
     if readme.is_file():
         from huggingface_hub import metadata_load
 
@@ -259,6 +260,4 @@ def _fenced(text: str, lang: str) -> str:
 
 
 def _count(n: int) -> str:
-    from moeforge.builder import human
-
-    return f"{human(n)} ({n:,})"
+    return f"{human_count(n)} ({n:,})"

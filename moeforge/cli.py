@@ -99,7 +99,7 @@ cli.add_command(click.Command(
 
 def _plan(config_path, out_path, verbose, quiet, **options):
     _setup_logging(verbose, quiet)
-    from moeforge.builder import dry_run
+    from moeforge.pipeline.build import dry_run
     from moeforge.plan.report import disk_shortfall
 
     report = _run(dry_run, config_path, out_path, verbose=verbose, quiet=quiet, **options)
@@ -138,7 +138,7 @@ def _build(config, out_path, verbose, quiet, **options):
     _setup_logging(verbose, quiet)
     if options["push_to_hub"] and not quiet:
         logging.getLogger("moeforge").setLevel(min(logging.INFO, logging.getLogger("moeforge").level))
-    from moeforge.builder import build
+    from moeforge.pipeline.build import build
 
     with _sigterm_interrupts():
         result = _run(build, config, out_path, verbose=verbose, quiet=quiet, **options)

@@ -38,7 +38,8 @@ class EditResult:
 
 def extract_expert(moe_dir, expert: int, out_dir, **options) -> EditResult:
     """The dense model (Llama/Mistral/Qwen2/Qwen3, the MoE's attention) whose MLP is routed expert `expert`."""
-    from moeforge.builder import write_checkpoint
+    from moeforge.files import RESOLVED_CONFIG
+    from moeforge.pipeline.build import write_checkpoint
     from moeforge.plan.moe import source_tensor, sort_key
     from moeforge.sources.moe_checkpoint import MoECheckpoint
     from moeforge.writer.output_dir import check_output_path
@@ -64,7 +65,7 @@ def extract_expert(moe_dir, expert: int, out_dir, **options) -> EditResult:
         def side_files(tmp: Path) -> None:
             config = _dense_config(moe, model_type)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            _copy_other_files(moe.path, tmp, skip=("moeforge_config.yml",))
+            _copy_other_files(moe.path, tmp, skip=(RESOLVED_CONFIG,))
 
         shard_bytes = parse_shard_size(opts.out_shard_size, DTYPES[tensors[0].dtype][1])
         written = write_checkpoint(out_dir, tensors, shard_bytes, opts, side_files)
@@ -104,7 +105,9 @@ def add_expert(moe_dir, expert_model: str, prompts: Sequence[str] = (), negative
                **options) -> EditResult:
     """Append a routed expert (the MLPs of `expert_model`) with its router row to an MoE checkpoint; in
     place when `out_dir` is None. Every check runs before the expert's weights are downloaded."""
-    from moeforge.builder import RESOLVED_CONFIG, ExpertChecks, write_checkpoint
+    from moeforge.files import RESOLVED_CONFIG
+    from moeforge.pipeline.build import write_checkpoint
+    from moeforge.pipeline.inputs import ExpertChecks
     from moeforge.families import family_of, open_dense
     from moeforge.gates import GateInputs, compute_gates
     from moeforge.plan.moe import source_tensor, sort_key

@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 from moeforge.checks import disk
 from moeforge.errors import MoeforgeError
 from moeforge.plan.tensors import FromSource, FromValue
+from moeforge.files import GENERATION_CONFIG, TOKENIZER_FILES
 from moeforge.sources.checkpoint import DTYPES
+from moeforge.units import human_bytes, human_count as human
 
 if TYPE_CHECKING:
-    from moeforge.builder import Inputs
+    from moeforge.pipeline.inputs import Inputs
     from moeforge.plan import MoEPlan
 
 # Peak RSS of a bf16 -> bf16 random-gate build (Python, torch, safetensors, transformers imported, and the
@@ -68,15 +70,13 @@ class PlanReport:
 
     @property
     def _gates_when(self) -> str:
-        from moeforge.builder import OVERLAPPED_GATE_MODES
+        from moeforge.pipeline.build import OVERLAPPED_GATE_MODES
 
         if self.gate_mode in OVERLAPPED_GATE_MODES:
             return "while the unchanged bytes are copied"
         return "before the shards are written; the base model is freed first"
 
     def lines(self) -> List[str]:
-        from moeforge.builder import human
-
         width = max(len(s.name) for s in self.shards)
         shard_lines = [f"{s.name:<{width}}  {human_bytes(s.nbytes):>9}  {s.tensors} tensors" for s in self.shards]
         memory = " + ".join(f"{k} {human_bytes(v)}" for k, v in self.memory.items() if v)
@@ -152,9 +152,8 @@ def estimate_memory(inputs: "Inputs", plan: "MoEPlan") -> Dict[str, int]:
 
 
 def _side_bytes(inputs: "Inputs") -> int:
-    from moeforge.builder import TOKENIZER_FILES
 
-    names = ["generation_config.json"] + (list(TOKENIZER_FILES) if inputs.options.copy_tokenizer else [])
+    names = [GENERATION_CONFIG] + (list(TOKENIZER_FILES) if inputs.options.copy_tokenizer else [])
     return sum((inputs.base.path / n).stat().st_size for n in names if (inputs.base.path / n).is_file())
 
 
@@ -169,11 +168,3 @@ def check_disk(report: PlanReport) -> None:
     problem = disk_shortfall(report)
     if problem:
         raise MoeforgeError(problem)
-
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            v = n / size
-            return f"{v:.{2 if v < 10 else 1 if v < 100 else 0}f} {unit}"
-    return f"{n} B"

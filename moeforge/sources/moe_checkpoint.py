@@ -70,7 +70,7 @@ class MoECheckpoint:
         return self.layout.dense_type(self.ckpt.config)
 
     def saved_config_path(self) -> Optional[Path]:
-        from moeforge.builder import RESOLVED_CONFIG
+        from moeforge.files import RESOLVED_CONFIG
 
         path = self.path / RESOLVED_CONFIG
         return path if path.is_file() else None

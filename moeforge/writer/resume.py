@@ -41,7 +41,7 @@ except ImportError:  # not POSIX: builds still work, without the guard against t
     fcntl = None
 
 if TYPE_CHECKING:
-    from moeforge.builder import Inputs
+    from moeforge.pipeline.inputs import Inputs
 
 log = logging.getLogger("moeforge")
 
