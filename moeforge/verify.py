@@ -140,7 +140,8 @@ def _read_weights(out: Path, report: Report) -> Tuple[List[str], Dict[str, Tenso
 
 
 def _check_expected(out: Path, refs: Dict[str, TensorRef], unknown: set, report: Report) -> None:
-    from moeforge.checks.expected import dense_family_of, dense_output_shapes, output_shapes
+    from moeforge.checks.expected import dense_output_shapes, output_shapes
+    from moeforge.families import family_for_model_type
     from moeforge.layouts import layout_of_config
 
     try:
@@ -151,7 +152,7 @@ def _check_expected(out: Path, refs: Dict[str, TensorRef], unknown: set, report:
         report.problems.append(f"config.json: unreadable ({e})")
         return
     layout = layout_of_config(config)
-    family = dense_family_of(config) if layout is None else None
+    family = family_for_model_type(config.get("model_type")) if layout is None else None
     if layout is None and family is None:
         report.problems.append(f"config.json: architectures {config.get('architectures')} is not a moeforge layout "
                                "or a dense model moeforge writes")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, Optional, Tuple
 
-from moeforge.families import FAMILIES
+from moeforge.families import family_for_model_type
 from moeforge.families.base import MLP_ROLES, Family
 from moeforge.layouts import Layout
 
@@ -61,11 +61,6 @@ def _mlp(role: str, inter: int, hidden: int) -> Tuple[int, int]:
     return (hidden, inter) if role == "down" else (inter, hidden)
 
 
-def dense_family_of(config: dict) -> Optional[Family]:
-    """The input family of a dense config.json (what `moeforge extract` writes), or None."""
-    return next((f for f in FAMILIES if config.get("model_type") in f.model_types), None)
-
-
 def dense_output_shapes(config: dict, family: Family) -> Optional[Shapes]:
     dense = dense_shapes(config, config["model_type"])
     return None if dense is None else {n: s for n, s in dense.items() if not family.is_skipped(n)}
@@ -75,7 +70,7 @@ def output_shapes(config: dict, layout: Layout) -> Optional[Shapes]:
     """Every tensor a `layout` checkpoint with this config.json holds: the dense part of its dense twin (the
     same attention, one expert's MLP), then the layout's routers and experts; None if the dense part is unknown."""
     model_type = layout.dense_type(config)
-    family = next(f for f in FAMILIES if model_type in f.model_types)
+    family = family_for_model_type(model_type)
     dense = dense_shapes(config, model_type)
     if dense is None:
         return None

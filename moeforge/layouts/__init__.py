@@ -12,6 +12,7 @@ from moeforge.layouts.qwen2_moe import QWEN2_MOE
 from moeforge.layouts.qwen3_moe import QWEN3_MOE
 
 LAYOUTS: List[Layout] = [MIXTRAL, DEEPSEEK_MOE, QWEN2_MOE, QWEN3_MOE]  # mergekit's order of preference
+LAYOUT_NAMES = tuple(l.name for l in LAYOUTS)  # the `architecture:` values
 
 
 def layout_named(name: str) -> Layout:
@@ -19,6 +20,13 @@ def layout_named(name: str) -> Layout:
         if layout.name == name:
             return layout
     raise ConfigError(f"architecture: {name!r} is not an output layout (choose from {', '.join(l.name for l in LAYOUTS)})")
+
+
+def layouts_matching(architecture: str) -> List[Layout]:
+    """The layouts an `architecture:` value names: the exact name, else every prefix match (as mergekit), so
+    `qwen` is Qwen2-MoE and not also Qwen3-MoE."""
+    name = architecture.lower()
+    return [l for l in LAYOUTS if l.name == name] or [l for l in LAYOUTS if l.name.startswith(name)]
 
 
 def layout_of_config(config: dict) -> Optional[Layout]:
@@ -41,13 +49,10 @@ def select_layout(
     architecture: Optional[str], family: str, features, shared: Sequence = (), gate_mode: str = "hidden"
 ) -> Tuple[Layout, bool]:
     """The named layout (prefix match, as mergekit), or the first that accepts the inputs; and whether inferred."""
-    names = ", ".join(l.name for l in LAYOUTS)
+    names = ", ".join(LAYOUT_NAMES)
     _check_some_layout_fits(family, features)
     if architecture:
-        # exact name first, so `qwen` is Qwen2-MoE and not also Qwen3-MoE
-        candidates = [l for l in LAYOUTS if l.name == architecture.lower()] or [
-            l for l in LAYOUTS if l.name.startswith(architecture.lower())
-        ]
+        candidates = layouts_matching(architecture)
         if not candidates:
             raise ConfigError(f"architecture: {architecture!r} is not an output layout (choose from {names})")
     else:
@@ -63,4 +68,4 @@ def select_layout(
     raise ConfigError(f"architecture: {'; '.join(reasons)}{hint}")
 
 
-__all__ = ["Layout", "MoEShape", "LAYOUTS", "select_layout", "layout_named", "layout_of_config"]
+__all__ = ["Layout", "MoEShape", "LAYOUTS", "LAYOUT_NAMES", "select_layout", "layout_named", "layout_of_config"]

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, FrozenSet, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from moeforge.families.base import describe_features
+from moeforge.gate_modes import GATE_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +43,18 @@ class Layout:
     # False: shared experts of any width are concatenated and the config holds the total width (Qwen2-MoE)
     shared_width_is_routed: bool = False
     dense_model_type: str = "llama"  # the dense family one expert plus the attention is (moeforge extract)
+    # llama.cpp runs this layout only with a power-of-two number of experts
+    power_of_two_experts: bool = False
     # files written beside the weights, name -> text (e.g. remote code the layout's readers need)
     extra_files: Callable[[], Dict[str, str]] = dict
     notes: str = ""
+
+    def warnings(self, shape: MoEShape) -> List[str]:
+        """What a build of this shape should be told about where it will run."""
+        n = shape.num_experts
+        if self.power_of_two_experts and n & (n - 1):
+            return [f"{n} experts is not a power of two: llama.cpp cannot run this model"]
+        return []
 
     def recognises(self, config: dict) -> bool:
         """Whether a checkpoint's config.json is one of this layout's (by class name, else model_type)."""
@@ -115,7 +125,7 @@ class Layout:
         prompted = [bool(e.positive_prompts) for e in shared]
         if self.shared_router is None and any(prompted):
             return f"{self.name} shared experts are ungated: remove their prompts"
-        if self.shared_router is not None and gate_mode not in ("random", "uniform_random") and not all(prompted):
+        if self.shared_router is not None and GATE_MODES[gate_mode].needs_prompts and not all(prompted):
             return f"{self.name} gates its shared expert: give it positive_prompts (or use a random gate_mode)"
         return None
 

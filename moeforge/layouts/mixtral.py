@@ -24,6 +24,7 @@ MIXTRAL = Layout(
     moe_config=_moe_config,
     config_class="MixtralConfig",
     model_type="mixtral",
+    power_of_two_experts=True,
     expert_count_key="num_local_experts",
     key_aliases={"num_local_experts": ("num_experts",)},
 )

@@ -4,16 +4,17 @@ The orchestrator: the only module that knows every step. Nothing imports it but 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Union
 
-from moeforge.config import RANDOM_GATE_MODES, MoEConfig, load_config
+from moeforge.config import MoEConfig, load_config
 from moeforge.errors import ConfigError
-from moeforge.files import GENERATION_CONFIG, TOKENIZER_FILES
+from moeforge.gate_modes import GATE_MODES
 from moeforge.options import BuildOptions, parse_shard_size
 from moeforge.pipeline.inputs import Inputs, open_inputs
-from moeforge.pipeline.side_files import SIDE_FILES
+from moeforge.pipeline.side_files import SIDE_FILES, copied_names
 from moeforge.sources.checkpoint import DTYPES
 from moeforge.units import human_count as human
 
@@ -22,10 +23,6 @@ if TYPE_CHECKING:
     from moeforge.plan.report import PlanReport
 
 log = logging.getLogger("moeforge")
-
-# Gate modes that never load the base model: cheap enough to compute while the writer copies.
-OVERLAPPED_GATE_MODES = RANDOM_GATE_MODES + ("cheap_embed",)
-
 
 @dataclasses.dataclass
 class BuildResult:
@@ -117,13 +114,14 @@ def plan_tensors(inputs: Inputs, compute_routers: bool = True) -> "MoEPlan":
     gated = inputs.experts[::g] + inputs.gated[n_routed:]  # one row per copy when experts are fine-grained
     n_rows = n_routed // g
     gates = Deferred((n_layers, len(gated), inputs.hidden_size), lambda: _compute_gates(inputs, gated, n_rows))
-    if compute_routers and inputs.config.gate_mode not in OVERLAPPED_GATE_MODES:
+    if compute_routers and not GATE_MODES[inputs.config.gate_mode].overlaps_writer:
         gates.value()
     routed = gates.map((n_layers, n_routed, inputs.hidden_size), lambda x: x[:, :n_rows].repeat_interleave(g, dim=1))
     shared = gates.map((n_layers, len(gated) - n_rows, inputs.hidden_size), lambda x: x[:, n_rows:])
-    if inputs.layout.name == "mixtral" and n_routed & (n_routed - 1):
-        log.warning("%d experts is not a power of two: llama.cpp cannot run this model", n_routed)
-    return plan_moe(inputs, routed, shared)
+    plan = plan_moe(inputs, routed, shared)
+    for warning in inputs.layout.warnings(plan.shape):
+        log.warning("%s", warning)
+    return plan
 
 
 def _compute_gates(inputs: Inputs, gated, n_rows: int):
@@ -138,28 +136,12 @@ def _compute_gates(inputs: Inputs, gated, n_rows: int):
 
 def write_output(inputs: Inputs, plan: "MoEPlan", out_dir: Path, session=None) -> BuildResult:
     """Shards, the side files, then the manifest, into a partial directory that becomes `out_dir` when complete."""
-    from tqdm.auto import tqdm
-
-    from moeforge.checks.disk import check_free_space, output_bytes
-    from moeforge.checks.finite import scan_raw_copies
-    from moeforge.writer import write_sharded
-    from moeforge.writer.background import Background
+    from moeforge.pipeline.output import write_checkpoint
     from moeforge.writer.resume import BuildSession
 
-    opts = inputs.options
-    max_shard = shard_bytes(inputs)
     session = session or BuildSession.open(out_dir, inputs)
-    side_names = [GENERATION_CONFIG] + (list(TOKENIZER_FILES) if opts.copy_tokenizer else [])
-    if opts.check_finite:
-        scan_raw_copies(plan.tensors)
-    session.discard_stale()
-    check_free_space(out_dir, output_bytes(plan, inputs.base.path, side_names) - session.reusable_bytes())
-    with session.partial_dir() as tmp:
-        with Background(_computed_parts, inputs, plan, tmp) as computed, \
-                tqdm(total=plan.nbytes, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
-            written = write_sharded(tmp, plan.tensors, max_shard, bar, journal=session)
-            computed.result()
-        session.write_manifest(tmp)
+    written = write_checkpoint(session, plan, shard_bytes(inputs), functools.partial(_computed_parts, inputs, plan),
+                               inputs.base.path, copied_names(inputs.options.copy_tokenizer))
     result = BuildResult(
         out_dir, inputs.layout.name, inputs.layout_inferred, len(inputs.experts), inputs.experts_per_token,
         written.files, inputs.base_params, plan.total_params, plan.active_params, inputs.seed,
@@ -173,19 +155,3 @@ def _computed_parts(inputs: Inputs, plan: "MoEPlan", tmp: Path) -> None:
     plan.compute_values()
     for write_side_file in SIDE_FILES:
         write_side_file(tmp, inputs, plan)
-
-
-def write_checkpoint(out_dir: Path, tensors, shard_bytes: int, opts: BuildOptions, side_files):
-    """Shards, then `side_files(tmp)`, into a temporary directory that becomes `out_dir` when complete."""
-    from tqdm.auto import tqdm
-
-    from moeforge.writer import atomic_output_dir, write_sharded
-
-    with atomic_output_dir(out_dir, opts.overwrite) as tmp:
-        total = sum(t.nbytes for t in tensors)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=opts.quiet) as bar:
-            written = write_sharded(tmp, tensors, shard_bytes, bar)
-        side_files(tmp)
-    return written
-
-

@@ -6,9 +6,10 @@ import math
 import secrets
 from typing import TYPE_CHECKING, Dict, List, Tuple
 
-from moeforge.config import RANDOM_GATE_MODES, Expert, MoEConfig
+from moeforge.config import Expert, MoEConfig
 from moeforge.errors import ConfigError, SourceError
 from moeforge.files import TOKENIZER_FILES
+from moeforge.gate_modes import GATE_MODES
 from moeforge.options import BuildOptions
 from moeforge.sources.checkpoint import CODE_OF, Checkpoint
 
@@ -33,6 +34,17 @@ class Inputs:
     out_dtype: str  # safetensors code
     seed: int
     checkpoints: Dict[str, Checkpoint]
+
+    def recipe(self) -> dict:
+        return self.config.model_dump(mode="json")
+
+    @property
+    def layout_name(self) -> str:
+        return self.layout.name
+
+    @property
+    def family_name(self) -> str:
+        return self.family.name
 
     def family_of(self, ckpt: Checkpoint) -> "Family":
         from moeforge.families import family_of
@@ -83,8 +95,8 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
     """Resolve and check every source and choose the layout, reading only configs and safetensors headers:
     every refusal comes before any weight is downloaded, and each source is opened only once the ones before
     it passed. Hub weights are downloaded at the end (`materialize`)."""
-    from moeforge.families import family_of, open_dense
     from moeforge.checks.sources import check_base_tensors, check_expert_vocab
+    from moeforge.families import family_of, open_dense
     from moeforge.layouts import select_layout
 
     if config.upcycle is None:
@@ -129,13 +141,13 @@ def open_inputs(config: MoEConfig, opts: BuildOptions) -> Inputs:
 
 def _check_gate_sources(inputs: Inputs) -> None:
     """What the gate mode will read, checked now: a routers' failure would otherwise come after the checks."""
-    mode = inputs.config.gate_mode
-    if mode in RANDOM_GATE_MODES:
+    mode = GATE_MODES[inputs.config.gate_mode]
+    if not mode.needs_prompts:
         return
     base = inputs.base
     if not any((base.path / name).is_file() for name in TOKENIZER_FILES):
-        raise SourceError(f"{base.label}: has no tokenizer files, which gate_mode {mode} needs to read the prompts")
-    if mode == "cheap_embed":
+        raise SourceError(f"{base.label}: has no tokenizer files, which gate_mode {mode.name} needs to read the prompts")
+    if mode.reads_embeddings:
         from moeforge.gates import GateInputs
 
         base.ref(GateInputs.embed_name)

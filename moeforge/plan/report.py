@@ -12,6 +12,7 @@ from moeforge.checks import disk
 from moeforge.errors import MoeforgeError
 from moeforge.plan.tensors import FromSource, FromValue
 from moeforge.files import GENERATION_CONFIG, TOKENIZER_FILES
+from moeforge.gate_modes import GATE_MODES
 from moeforge.sources.checkpoint import DTYPES
 from moeforge.units import human_bytes, human_count as human
 
@@ -70,9 +71,7 @@ class PlanReport:
 
     @property
     def _gates_when(self) -> str:
-        from moeforge.pipeline.build import OVERLAPPED_GATE_MODES
-
-        if self.gate_mode in OVERLAPPED_GATE_MODES:
+        if GATE_MODES[self.gate_mode].overlaps_writer:
             return "while the unchanged bytes are copied"
         return "before the shards are written; the base model is freed first"
 
@@ -99,11 +98,11 @@ class PlanReport:
 
 
 def make_report(inputs: "Inputs", plan: "MoEPlan", out_dir: Optional[Path], shard_bytes: int) -> PlanReport:
-    from moeforge.writer.safetensors_stream import encode_header, shard_names, split_shards
+    from moeforge.writer.safetensors_stream import data_order, encode_header, shard_names, split_shards
 
     groups = split_shards(plan.tensors, shard_bytes)
     shards = [
-        ShardSummary(name, len(encode_header(g)) + sum(t.nbytes for t in g), len(g))
+        ShardSummary(name, len(encode_header(data_order(g))) + sum(t.nbytes for t in g), len(g))  # as written
         for name, g in zip(shard_names(len(groups)), groups)
     ]
     copied = sum(t.nbytes for t in plan.tensors if t.raw_range() is not None)
@@ -139,13 +138,13 @@ def estimate_memory(inputs: "Inputs", plan: "MoEPlan") -> Dict[str, int]:
             need = min(rows, step) * (t.numel // max(rows, 1)) * (2 * src_bytes + out_bytes)
         working = max(working, need)
     gates = plan.num_layers * len(inputs.experts) * inputs.hidden_size * 4
-    mode = inputs.config.gate_mode
-    runs_base = mode.startswith("hidden") or mode == "fitted"
+    mode = GATE_MODES[inputs.config.gate_mode]
+    runs_base = mode.runs_base_model
     if runs_base:
         bytes_per = DTYPES[{"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[inputs.options.hidden_dtype]][1]
         base_params = sum(ref.nbytes // DTYPES[ref.dtype][1] for ref in inputs.base.tensors.values())
         gates += base_params * bytes_per + TOKENIZER_BYTES
-    elif mode == "cheap_embed":
+    elif mode.needs_prompts:
         gates += TOKENIZER_BYTES
     return {"runtime": RUNTIME_BYTES, "conversion": working,
             ("base model forward" if runs_base else "gates"): gates}

@@ -14,7 +14,7 @@ from moeforge._version import __version__
 from moeforge.files import GENERATION_CONFIG, MANIFEST, TOKENIZER_FILES
 
 if TYPE_CHECKING:
-    from moeforge.pipeline.inputs import Inputs
+    from moeforge.writer.resume import Job
 
 FORMAT = "moeforge-manifest/1"
 # Read by a build although they hold no tensors: recorded so the manifest says what the output came from.
@@ -22,7 +22,7 @@ _BASE_EXTRAS = (GENERATION_CONFIG,) + TOKENIZER_FILES
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def source_files(inputs: "Inputs") -> Dict[str, Dict[str, Path]]:
+def source_files(inputs: "Job") -> Dict[str, Dict[str, Path]]:
     """model reference -> {name relative to the model directory: path}, for every file a build reads."""
     found: Dict[str, Dict[str, Path]] = {}
     for ref, ckpt in inputs.checkpoints.items():
