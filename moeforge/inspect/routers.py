@@ -17,8 +17,7 @@ from moeforge.errors import SourceError
 def _expert_count_keys() -> Tuple[str, ...]:
     from moeforge.layouts import LAYOUTS
 
-    keys = [k for l in LAYOUTS for k in (l.expert_count_key,) + l.key_aliases.get(l.expert_count_key, ())]
-    return tuple(dict.fromkeys(keys))
+    return tuple(dict.fromkeys(k for l in LAYOUTS for k in l.expert_count_keys()))
 
 
 EXPERT_COUNT_KEYS = _expert_count_keys()

@@ -70,6 +70,10 @@ class Layout:
             return "mistral"
         return self.dense_model_type
 
+    def expert_count_keys(self) -> Tuple[str, ...]:
+        """Every spelling of the routed-expert count key that readers accept, the written one first."""
+        return (self.expert_count_key,) + self.key_aliases.get(self.expert_count_key, ())
+
     def config_value(self, config: dict, key: str):
         """`key` from a config.json, under any spelling this layout's readers accept."""
         for k in (key,) + self.key_aliases.get(key, ()):

@@ -10,8 +10,8 @@ from moeforge.sources.checkpoint import Checkpoint
 
 
 class MoECheckpoint:
-    """A Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-MoE directory: which tensors are routers, routed experts
-    and the shared expert, and which are the rest (attention, norms, embeddings)."""
+    """A checkpoint in one of the output layouts: which tensors are routers, routed experts and the shared
+    expert, and which are the rest (attention, norms, embeddings)."""
 
     def __init__(self, path: Path):
         from moeforge.layouts import LAYOUTS, layout_of_config
@@ -31,9 +31,8 @@ class MoECheckpoint:
         self.shape = self.layout.shape_of(config)
         self.num_experts = self.shape.num_experts
         if self.num_experts < 1:
-            spellings = " or ".join((self.layout.expert_count_key,) + self.layout.key_aliases.get(
-                self.layout.expert_count_key, ()))
-            raise SourceError(f"{self.path / 'config.json'}: needs an integer {spellings}")
+            raise SourceError(f"{self.path / 'config.json'}: needs an integer "
+                              f"{' or '.join(self.layout.expert_count_keys())}")
         self._moe_names: Set[str] = set()
         for layer in range(self.num_layers):
             names = [self.layout.router_name(layer)] + [
@@ -66,7 +65,7 @@ class MoECheckpoint:
         return self.layout.expert_name(role, layer, expert)
 
     def dense_model_type(self) -> str:
-        """The dense family with this MoE's attention (Mixtral with a sliding window is Mistral)."""
+        """The dense model_type with this MoE's attention (`Layout.dense_type`)."""
         return self.layout.dense_type(self.ckpt.config)
 
     def saved_config_path(self) -> Optional[Path]:
