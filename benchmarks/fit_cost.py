@@ -24,7 +24,7 @@ from moeforge.gates.base_model import BaseModel  # noqa: E402
 from moeforge.gates.fitted import prompt_table, routed_labels  # noqa: E402
 from moeforge.gates.fitting import fit_gate  # noqa: E402
 from moeforge.options import BuildOptions  # noqa: E402
-from moeforge.sources.checkpoint import open_checkpoint  # noqa: E402
+from moeforge.sources.open_model import open_checkpoint  # noqa: E402
 from moeforge.toy import make_dense  # noqa: E402
 
 

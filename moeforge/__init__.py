@@ -9,11 +9,11 @@ __all__ = ["__version__", "build", "dry_run", "MoEConfig", "BuildOptions", "Moef
 
 def __getattr__(name):
     if name == "build":
-        from moeforge.builder import build
+        from moeforge.pipeline.build import build
 
         return build
     if name == "dry_run":
-        from moeforge.builder import dry_run
+        from moeforge.pipeline.build import dry_run
 
         return dry_run
     if name == "MoEConfig":

@@ -14,29 +14,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from moeforge._version import __version__
+from moeforge.files import CARD, RESOLVED_CONFIG
+from moeforge.gate_modes import GATE_MODES
+from moeforge.units import human_count
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
-    from moeforge.builder import Inputs
     from moeforge.layouts.runtimes import RuntimeStatus
+    from moeforge.pipeline.inputs import Inputs
 
 log = logging.getLogger("moeforge")
 
-CARD_NAME = "README.md"
 # Placeholder for the usage snippet when the repo id is not known yet; `moeforge upload` fills it in.
 MODEL_ID_PLACEHOLDER = "path/to/this/model"
 MODEL_ID_LINE = re.compile(r'^model_id = "[^"\n]*"$', re.MULTILINE)
 _MAX_PROMPT = 200
-
-GATE_MODES = {
-    "hidden": "router rows from the base model's hidden states at the last token of each expert's prompts",
-    "hidden_last": "router rows from the base model's hidden states at the last token of each expert's prompts",
-    "hidden_avg": "router rows from the base model's hidden states averaged over each expert's prompt tokens",
-    "cheap_embed": "router rows from the input embeddings of each expert's prompts",
-    "random": "random router rows (Gaussian): train the router before use",
-    "uniform_random": "random router rows (uniform): train the router before use",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +69,7 @@ def make_card(
     total_params: int,
     active_params: int,
     config_text: str,
-    config_name: str = "moeforge_config.yml",
+    config_name: str = RESOLVED_CONFIG,
     gate_mode: Optional[str] = None,
     experts_per_token: Optional[int] = None,
     model_id: Optional[str] = None,
@@ -123,7 +116,7 @@ def make_card(
     lines.append(f"| parameters | {_count(total_params)} total, {_count(active_params)} active per token |")
     lines.append(f"| experts | {len(routed)}{f', top-{experts_per_token}' if experts_per_token else ''} |")
     if gate_mode:
-        desc = GATE_MODES.get(gate_mode)
+        desc = GATE_MODES[gate_mode].card if gate_mode in GATE_MODES else None
         lines.append(f"| router (gate_mode) | `{_cell(gate_mode)}`{': ' + desc if desc else ''} |")
     lines.append(f"| base model | {_link(base_model)} |")
     lines.append(f"| license | {_cell(str(license_)) if license_ else _license_note(refs, known)} |")
@@ -166,7 +159,7 @@ def source_info(ref: str, path: Path) -> CardSource:
 
 def license_of(model_dir: Path) -> Optional[License]:
     meta: Dict = {}
-    readme = Path(model_dir) / CARD_NAME
+    readme = Path(model_dir) / CARD
     if readme.is_file():
         from huggingface_hub import metadata_load
 
@@ -187,20 +180,28 @@ def license_of(model_dir: Path) -> Optional[License]:
     return License(lic.strip(), name if isinstance(name, str) else None, link if isinstance(link, str) else None)
 
 
-def build_card(inputs: "Inputs", plan, config_text: str, config_name: str) -> "ModelCard":
+def build_card(inputs: "Inputs", plan, config_text: str, config_name: str = RESOLVED_CONFIG) -> "ModelCard":
     """The card of a `moeforge build`, from its inputs and plan."""
-    config = inputs.config
+    sources = [source_info(ref, ckpt.path) for ref, ckpt in inputs.checkpoints.items()]
+    return recipe_card(inputs.config, sources, inputs.layout.name, plan, config_text, inputs.experts_per_token,
+                       config_name=config_name, model_id=inputs.options.push_to_hub,
+                       runtimes=inputs.layout.runtime_report(plan.shape))
+
+
+def recipe_card(config, sources: Sequence[CardSource], layout: str, plan, config_text: str, experts_per_token: int,
+                config_name: str = RESOLVED_CONFIG, model_id: Optional[str] = None,
+                runtimes: Sequence["RuntimeStatus"] = ()) -> "ModelCard":
+    """The card of an MoE whose recipe (`MoEConfig`) is known: built, or edited by `moeforge add-expert`."""
     experts = [
         CardExpert(e.label, e.positive_prompts or (), e.negative_prompts or (), shared=shared, models=e.models())
         for shared, group in ((False, config.experts), (True, config.shared_experts or ()))
         for e in group
     ]
-    sources = [source_info(ref, ckpt.path) for ref, ckpt in inputs.checkpoints.items()]
     return make_card(
-        base_model=config.base_model, experts=experts, sources=sources, layout=inputs.layout.name,
+        base_model=config.base_model, experts=experts, sources=sources, layout=layout,
         total_params=plan.total_params, active_params=plan.active_params, config_text=config_text,
-        config_name=config_name, gate_mode=config.gate_mode, experts_per_token=inputs.experts_per_token,
-        model_id=inputs.options.push_to_hub, runtimes=inputs.layout.runtime_report(plan.shape),
+        config_name=config_name, gate_mode=config.gate_mode, experts_per_token=experts_per_token, model_id=model_id,
+        runtimes=runtimes,
     )
 
 
@@ -210,6 +211,31 @@ def _runtimes_intro(runtimes: Sequence["RuntimeStatus"]) -> str:
         return "Every runtime below computes what transformers computes for this model (to float32 rounding)."
     return (f"**Not the same model in {' and '.join(odd)}** (see its row); the other runtimes below compute "
             "what transformers computes (to float32 rounding).")
+
+
+def dense_card(source: str, expert: int, model_type: str, params: int, license_: Optional[License]) -> "ModelCard":
+    """The card of a dense model that `moeforge extract` took out of an MoE: expert `expert` with its attention."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from moeforge.sources.resolve import hub_id
+
+    repo = hub_id(source)
+    data = ModelCardData(
+        base_model=[repo] if repo else None, library_name="transformers", pipeline_tag="text-generation",
+        license=license_.id if license_ else None, license_name=license_.name if license_ else None,
+        license_link=license_.link if license_ else None, tags=["moeforge", "extract", model_type],
+    )
+    lines = [
+        f"# {_short(source)}: expert {expert}", "",
+        f"A dense **{model_type}** model: routed expert {expert} of the Mixture-of-Experts {_link(source)} as its "
+        f"MLP, with that model's attention, embeddings and norms, extracted with moeforge {__version__} "
+        "(`moeforge extract`).", "",
+        "| | |", "|---|---|", f"| model type | {model_type} |", f"| parameters | {_count(params)} |",
+        f"| taken from | {_link(source)}, expert {expert} |",
+        f"| license | {_cell(str(license_)) if license_ else 'as the source MoE (unknown)'} |", "",
+        "## Usage", "", _transformers_usage(None, []),
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
 def fill_model_id(card_text: str, repo_id: str) -> str:
@@ -276,6 +302,4 @@ def _fenced(text: str, lang: str) -> str:
 
 
 def _count(n: int) -> str:
-    from moeforge.builder import human
-
-    return f"{human(n)} ({n:,})"
+    return f"{human_count(n)} ({n:,})"

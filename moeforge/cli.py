@@ -9,6 +9,8 @@ import click
 
 from moeforge._version import __version__
 from moeforge.cli_compat import HELP_LINE, apply_mergekit_options, mergekit_compat_options
+from moeforge.gate_modes import GATE_MODE_NAMES, RANDOM_GATE_MODES
+from moeforge.layouts import LAYOUT_NAMES
 
 
 class _Formatter(logging.Formatter):
@@ -104,7 +106,7 @@ cli.add_command(click.Command(
 def _plan(config_path, out_path, verbose, quiet, **options):
     _setup_logging(verbose, quiet)
     options = _run(apply_mergekit_options, options)
-    from moeforge.builder import dry_run
+    from moeforge.pipeline.build import dry_run
     from moeforge.plan.report import disk_shortfall
 
     report = _run(dry_run, config_path, out_path, verbose=verbose, quiet=quiet, **options)
@@ -122,8 +124,8 @@ def _plan(config_path, out_path, verbose, quiet, **options):
 @click.argument("out_path", metavar="OUT", type=click.Path(file_okay=True))
 @click.option("--num-experts", type=click.IntRange(min=1), required=True, help="Number of expert copies N.")
 @click.option("--experts-per-token", type=click.IntRange(min=1), default=2, show_default=True, help="Top-k (per copy).")
-@click.option("--architecture", type=click.Choice(["mixtral", "qwen", "qwen3", "deepseek", "granite"]), default=None, help="Output layout (default: inferred).")
-@click.option("--gate-mode", type=click.Choice(["uniform_random", "random"]), default="uniform_random", show_default=True, help="Router init.")
+@click.option("--architecture", type=click.Choice(LAYOUT_NAMES), default=None, help="Output layout (default: inferred).")
+@click.option("--gate-mode", type=click.Choice(RANDOM_GATE_MODES), default="uniform_random", show_default=True, help="Router init.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Output dtype (default: the model's).")
 @click.option("--noise-scale", type=click.FloatRange(min=0), default=None, help="Gaussian noise added to each expert's weights.")
 @click.option("--drop-ratio", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Drop-Upcycling: share of neurons re-initialised per expert.")
@@ -144,7 +146,7 @@ def _build(config, out_path, verbose, quiet, **options):
     options = _run(apply_mergekit_options, options)
     if options["push_to_hub"] and not quiet:
         logging.getLogger("moeforge").setLevel(min(logging.INFO, logging.getLogger("moeforge").level))
-    from moeforge.builder import build
+    from moeforge.pipeline.build import build
 
     with _sigterm_interrupts():
         result = _run(build, config, out_path, verbose=verbose, quiet=quiet, **options)
@@ -297,8 +299,6 @@ def wemoe_eval_cmd(out_path, data, batch_size, limit, device, json_path, no_veri
     _run(evaluate_and_print, verbose=verbose)
 
 
-# as config.GateMode, listed here so that --help does not import pydantic
-_GATE_MODES = ["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "fitted"]
 
 
 @cli.command("add-expert")
@@ -307,7 +307,7 @@ _GATE_MODES = ["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "
 @click.option("--prompt", "--prompts", "prompts", multiple=True, help="A positive prompt for the new expert's router row (repeat for more).")
 @click.option("--negative-prompt", "negative_prompts", multiple=True, help="A negative prompt (repeat for more).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=True), default=None, help="Write the result here instead of replacing MOE_DIR.")
-@click.option("--gate-mode", type=click.Choice(_GATE_MODES), default=None, help="Router mode (default: the one recorded in MOE_DIR/moeforge_config.yml).")
+@click.option("--gate-mode", type=click.Choice(GATE_MODE_NAMES), default=None, help="Router mode (default: the one recorded in MOE_DIR/moeforge_config.yml).")
 @click.option("--base-model", default=None, help="Dense base for hidden gates (default: the one recorded in MOE_DIR/moeforge_config.yml).")
 @click.option("--random-seed", type=int, default=None, help="Seed for random gates and noise.")
 @click.option("--out-shard-size", default="5B", show_default=True, help="Max shard size: parameters (5B, 500M) or bytes (4GB, 4GiB).")

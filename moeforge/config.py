@@ -11,9 +11,11 @@ from moeforge.errors import ConfigError
 
 log = logging.getLogger("moeforge")
 
-GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "fitted"]
+from moeforge.gate_modes import GATE_MODE_NAMES, GATE_MODES, RANDOM_GATE_MODES  # noqa: F401 (re-exported)
+from moeforge.layouts import layouts_matching
+
+GateMode = Literal[GATE_MODE_NAMES]  # the gate-mode table's names, for validation and the JSON schema
 DType = Literal["float32", "float16", "bfloat16"]
-RANDOM_GATE_MODES = ("random", "uniform_random")
 
 
 class _Strict(BaseModel):
@@ -210,8 +212,9 @@ class MoEConfig(YamlConfig):
             return {**data, "base_model": src, "experts": []}  # field validation reports the bad value
         expert = {"source_model": src, **({"noise_scale": up["noise_scale"]} if up.get("noise_scale") else {})}
         data = {"gate_mode": "uniform_random", **data, "base_model": src, "experts": [expert] * (n * g)}
-        if str(data.get("architecture", "")).lower() == "qwen":  # Qwen2-MoE needs a shared expert: a silent copy
-            data["shared_experts"] = [{"source_model": src, "residual_scale": 0.0}]
+        layouts = layouts_matching(str(data.get("architecture") or ""))
+        if data.get("architecture") and layouts and layouts[0].min_shared_experts:  # silent copies (residual 0)
+            data["shared_experts"] = [{"source_model": src, "residual_scale": 0.0}] * layouts[0].min_shared_experts
         return data
 
     @field_validator("dtype", mode="before")
@@ -232,7 +235,7 @@ class MoEConfig(YamlConfig):
             raise ValueError(
                 f"experts_per_token: {self.experts_per_token} is more than the {len(self.experts)} experts listed"
             )
-        if self.gate_mode in RANDOM_GATE_MODES:
+        if not GATE_MODES[self.gate_mode].needs_prompts:
             return self
         for i, expert in enumerate(self.experts):
             if not expert.positive_prompts:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Union
 from urllib.parse import quote
 
 from moeforge.errors import ConfigError, MoeforgeError, SourceError
+from moeforge.units import human_bytes
 
 log = logging.getLogger("moeforge")
 
@@ -60,12 +61,12 @@ class UploadResult:
         """What a dry run would send, one file a line, in commit order."""
         ordered = commit_batches(self.files)
         total = sum(f.size for f in self.files)
-        lines = [f"would upload {len(self.files)} file(s), {_size(total)}, to {self.repo_id} in {len(ordered)} commit(s):"]
+        lines = [f"would upload {len(self.files)} file(s), {human_bytes(total)}, to {self.repo_id} in {len(ordered)} commit(s):"]
         width = max((len(f.name) for f in self.files), default=0)
         for i, batch in enumerate(ordered, 1):
             for f in batch:
                 note = "  (model id filled in)" if f.data is not None else ""
-                lines.append(f"  {f.name:<{width}}  {_size(f.size):>9}  commit {i}{note}")
+                lines.append(f"  {f.name:<{width}}  {human_bytes(f.size):>9}  commit {i}{note}")
         lines.append("files already on the Hub with the same content are skipped")
         return "\n".join(lines)
 
@@ -310,10 +311,3 @@ def _first_line(text: str) -> str:
 
 def _url(base: str, revision: Optional[str]) -> str:
     return f"{base}/tree/{quote(revision, safe='')}" if revision else base
-
-
-def _size(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"

@@ -67,10 +67,7 @@ def make_dense(
     if init_from is not None:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(init_from), dtype=torch.float32)
     else:
-        config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                        "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-                        "phi3": transformers.Phi3Config, "gemma": transformers.GemmaConfig,
-                        "gemma2": transformers.Gemma2Config}[family]
+        config_class = transformers.CONFIG_MAPPING[family]  # `family`: a model_type of moeforge.families
         if family in ("qwen3", "gemma", "gemma2"):
             config_overrides.setdefault("head_dim", hidden_size // 4)
         config_overrides.setdefault("max_position_embeddings", 256)

@@ -55,7 +55,7 @@ def verify(out, hashes: bool = True, values: bool = True) -> Report:
     listed = (manifest or {}).get("files", {})
     shards, refs, unknown = _read_weights(out, report)
     report.tensors = len(refs)
-    _check_expected(out, refs, unknown, manifest, report)
+    _check_expected(out, refs, unknown, report)
     for shard in shards:
         digest, bad = _scan_shard(out / shard, [r for r in refs.values() if r.file.name == shard], report,
                                   hashes and shard in listed, values)
@@ -139,9 +139,10 @@ def _read_weights(out: Path, report: Report) -> Tuple[List[str], Dict[str, Tenso
     return shards, refs, unknown
 
 
-def _check_expected(out: Path, refs: Dict[str, TensorRef], unknown: set, manifest: Optional[dict],
-                    report: Report) -> None:
-    from moeforge.checks.expected import family_named, layout_of, output_shapes
+def _check_expected(out: Path, refs: Dict[str, TensorRef], unknown: set, report: Report) -> None:
+    from moeforge.checks.expected import dense_output_shapes, output_shapes
+    from moeforge.families import family_for_model_type
+    from moeforge.layouts import layout_of_config
 
     try:
         config = json.loads((out / "config.json").read_text(encoding="utf-8"))
@@ -150,18 +151,21 @@ def _check_expected(out: Path, refs: Dict[str, TensorRef], unknown: set, manifes
     except (OSError, ValueError) as e:
         report.problems.append(f"config.json: unreadable ({e})")
         return
-    layout = layout_of(config)
-    if layout is None:
-        report.problems.append(f"config.json: architectures {config.get('architectures')} is not a moeforge layout")
+    layout = layout_of_config(config)
+    family = family_for_model_type(config.get("model_type")) if layout is None else None
+    if layout is None and family is None:
+        report.problems.append(f"config.json: architectures {config.get('architectures')} is not a moeforge layout "
+                               "or a dense model moeforge writes")
         return
-    family = family_named((manifest or {}).get("family"), layout)
+    kind = layout.name if layout is not None else config["model_type"]
     try:
-        expected = output_shapes(config, layout, family)
+        expected = output_shapes(config, layout) if layout is not None else dense_output_shapes(config, family)
     except (KeyError, TypeError, ValueError) as e:
         report.problems.append(f"config.json: cannot derive the expected tensors ({type(e).__name__}: {e})")
         return
     if expected is None:
-        report.problems.append(f"config.json: transformers cannot build a {family.name} model from it")
+        dense = layout.dense_type(config) if layout is not None else kind
+        report.problems.append(f"config.json: transformers cannot build a {dense} model from it")
         return
     want_dtype = CODE_OF.get(str(config.get("dtype") or config.get("torch_dtype") or ""))
     missing = [] if "*" in unknown else sorted(set(expected) - set(refs) - unknown)
@@ -172,7 +176,7 @@ def _check_expected(out: Path, refs: Dict[str, TensorRef], unknown: set, manifes
     for name, ref in sorted(refs.items()):
         if name not in expected:
             if not (tied and name == "lm_head.weight"):
-                report.problems.append(f"{ref.file.name}: tensor {name!r} is not part of a {layout.name} model")
+                report.problems.append(f"{ref.file.name}: tensor {name!r} is not part of a {kind} model")
             continue
         if tuple(ref.shape) != expected[name]:
             report.problems.append(

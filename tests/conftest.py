@@ -32,6 +32,17 @@ def models(tmp_path_factory) -> dict:
     return {k: str(v) for k, v in paths.items()}
 
 
+@pytest.fixture(scope="session")
+def qwen_models(tmp_path_factory):
+    from moeforge.toy import make_dense
+
+    root = tmp_path_factory.mktemp("qwen")
+    paths = {f: root / f for f in ("qwen2", "qwen3")}
+    for family, path in paths.items():
+        make_dense(path, family=family, seed=3)
+    return {k: str(v) for k, v in paths.items()}
+
+
 def expert_config(base, experts, gate_mode="hidden", **extra):
     prompts = [CODE, STORY, ["Solve for x"], ["Das ist ein Satz"]]
     return {

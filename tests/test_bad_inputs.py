@@ -414,18 +414,19 @@ def disk_too_small(c, monkeypatch):
 @case(2, "out", "cannot resume", "changed: config.experts.1.noise_scale")
 def resume_with_a_changed_config(c, monkeypatch):
     """An interrupted build (killed after its first shard), then --resume with another config."""
-    from types import SimpleNamespace
-
     from moeforge.writer import resume
 
-    def interrupt(_):
+    completed = resume.BuildSession.completed
+
+    def completed_then_interrupted(self, path):  # Ctrl-C once the first shard is recorded
+        completed(self, path)
+        self._shards.wait()
         raise KeyboardInterrupt
 
-    monkeypatch.setenv(resume.HOLD_ENV, "1")
-    monkeypatch.setattr(resume, "time", SimpleNamespace(sleep=interrupt))
+    monkeypatch.setattr(resume.BuildSession, "completed", completed_then_interrupted)
     r = _invoke(c.build(c.cfg(), "--out-shard-size", "50KB", "--quiet"))
     assert r.exit_code == 130 and "--resume" in r.stderr and len(resume.partial_dirs(c.out)) == 1, r.stderr
-    monkeypatch.delenv(resume.HOLD_ENV)
+    monkeypatch.setattr(resume.BuildSession, "completed", completed)
     cfg = c.cfg()
     cfg["experts"][1]["noise_scale"] = 0.01
     c.keep_partial = True

@@ -21,6 +21,18 @@ def moe(models, tmp_path_factory):
     return out
 
 
+def _assert_current(out, layout):
+    """An edited output has a manifest of its own files (verify passes) and no stale side file."""
+    from moeforge.verify import verify
+    from moeforge.writer.manifest import MANIFEST
+
+    report = verify(out)
+    assert report.ok, report.problems
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["layout"] == layout
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {MANIFEST}
+
+
 def test_extract_round_trip(models, moe, tmp_path):
     """Expert 1 is the base: extracting it gives the base back, every tensor bit for bit, loading cleanly."""
     from transformers import LlamaForCausalLM
@@ -36,6 +48,10 @@ def test_extract_round_trip(models, moe, tmp_path):
     assert config["model_type"] == "llama" and config["intermediate_size"] == 64 and "num_local_experts" not in config
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 10000.0  # transformers 4.x and 5.x
     assert (tmp_path / "base_again" / "tokenizer.json").exists()
+    _assert_current(tmp_path / "base_again", layout="llama")
+    card = (tmp_path / "base_again" / "README.md").read_text()
+    assert "expert 1" in card and "A dense **llama** model" in card and "experts |" not in card
+    assert not (tmp_path / "base_again" / "moeforge_config.yml").exists()
 
     extract_expert(moe, 0, tmp_path / "code_again", quiet=True)
     code = read_tensors(models["code"])
@@ -81,6 +97,9 @@ def test_add_expert_equals_building_with_it(models, moe, tmp_path):
 
     _, info = MixtralForCausalLM.from_pretrained(str(tmp_path / "three"), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    _assert_current(tmp_path / "three", layout="mixtral")
+    card = (tmp_path / "three" / "README.md").read_text()
+    assert "| experts | 3, top-2 |" in card and models["story"] in card
 
 
 def test_add_expert_in_place_and_without_a_recipe(models, moe, tmp_path):
@@ -99,6 +118,8 @@ def test_add_expert_in_place_and_without_a_recipe(models, moe, tmp_path):
     assert torch.equal(got["model.layers.1.block_sparse_moe.experts.2.w2.weight"],
                        read_tensors(models["story"])["model.layers.1.mlp.down_proj.weight"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".edit_me.")]  # no temporaries left
+    _assert_current(target, layout="mixtral")
+    assert "| experts | 3, top-2 |" in (target / "README.md").read_text()
 
 
 def test_add_expert_refusals_write_nothing(models, moe, tmp_path):
@@ -129,3 +150,15 @@ def test_cli_extract_and_add_expert(models, moe, tmp_path):
     assert r.returncode == 0 and "expert 2 added" in r.stderr, r.stderr
     recipe = moeforge.MoEConfig.from_yaml(tmp_path / "y" / "moeforge_config.yml")
     assert recipe.experts[2].positive_prompts == ["Once", "upon"]
+
+
+def test_qwen3_moe_that_moeforge_built_can_be_edited(qwen_models, tmp_path):
+    """transformers 5 writes Qwen3-MoE's expert count as num_local_experts; the layout reads either spelling."""
+    q = qwen_models["qwen3"]
+    moeforge.build(expert_config(q, [q, q], gate_mode="random"), tmp_path / "moe", quiet=True, allow_all_same=True)
+    add_expert(tmp_path / "moe", q, out_dir=tmp_path / "more", gate_mode="random", quiet=True)
+    config = json.loads((tmp_path / "more" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert (config.get("num_experts") or config.get("num_local_experts")) == 3
+    extract_expert(tmp_path / "more", 2, tmp_path / "dense", quiet=True)
+    assert json.loads((tmp_path / "dense" / "config.json").read_text())["model_type"] == "qwen3"

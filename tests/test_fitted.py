@@ -121,7 +121,7 @@ def test_fitted_shared_expert_rows(models):
     from moeforge.config import Expert
     from moeforge.gates import GateInputs, compute_gates
     from moeforge.options import BuildOptions
-    from moeforge.sources.checkpoint import open_checkpoint
+    from moeforge.sources.open_model import open_checkpoint
 
     experts = [Expert(source_model="a", positive_prompts=CODE), Expert(source_model="b", positive_prompts=STORY),
                Expert(source_model="s", positive_prompts=["Das ist ein Satz auf Deutsch", "Solve for x: 2x + 3 = 7"])]

@@ -1,7 +1,7 @@
 """Interrupted builds in real processes: SIGKILL, SIGINT and SIGTERM mid-build, then --resume gives the bytes an
 uninterrupted build gives; a write that fails (file size limit, as a full disk would) leaves nothing behind.
 
-The build is stopped at a known point with MOEFORGE_TEST_HOLD_AFTER_SHARDS (it sleeps once that many shards
+The build is stopped at a known point by tests/support/hold_build.py (the CLI, sleeping once that many shards
 are written, fsynced and recorded); the signal itself is real.
 """
 import json
@@ -18,9 +18,10 @@ import yaml
 from conftest import expert_config
 
 import moeforge
-from moeforge.writer.resume import HOLD_ENV, STATE, partial_dirs
+from moeforge.writer.resume import STATE, partial_dirs
 
 SHARD = "25KB"  # the toy MoE (bfloat16) then has 4 shards
+HOLD_BUILD = Path(__file__).parent / "support" / "hold_build.py"
 
 
 def _cmd(cfg_path, out, quiet=True):
@@ -42,8 +43,8 @@ def _recorded_shards(out: Path) -> int:
 
 
 def _start_and_hold(cfg_path, out, shards: int) -> subprocess.Popen:
-    proc = subprocess.Popen(_cmd(cfg_path, out), env=_env(**{HOLD_ENV: str(shards)}), stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [sys.executable, str(HOLD_BUILD), str(shards)] + _cmd(cfg_path, out)[3:]
+    proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while _recorded_shards(out) < shards:
         assert proc.poll() is None, proc.stderr.read()

@@ -13,17 +13,6 @@ from moeforge.errors import ConfigError, SourceError
 TEXTS = ("Write a Python function that sorts", "Once upon a time there")
 
 
-@pytest.fixture(scope="session")
-def qwen_models(tmp_path_factory):
-    from moeforge.toy import make_dense
-
-    root = tmp_path_factory.mktemp("qwen")
-    paths = {f: root / f for f in ("qwen2", "qwen3")}
-    for family, path in paths.items():
-        make_dense(path, family=family, seed=3)
-    return {k: str(v) for k, v in paths.items()}
-
-
 def _shared(model, residual_scale=0.0, prompts=("Solve for x",)):
     entry = {"source_model": model, "residual_scale": residual_scale}
     if prompts:

@@ -9,6 +9,7 @@ from run_cli import run
 
 import moeforge
 from moeforge.errors import ConfigError
+from moeforge.verify import verify
 
 
 def upcycle(models, out, seed=5, **up):
@@ -23,6 +24,8 @@ def test_plain_copies_reproduce_the_dense_model(models, out, architecture):
     assert (logits(out) - logits(models["base"])).abs().max() <= 1e-4
     assert result.num_experts == 4 and result.experts_per_token == 2
     assert result.total_params > result.active_params > result.dense_params
+    report = verify(out)
+    assert report.ok, report.problems
 
 
 def test_routers_are_nn_linear_init_by_default(models, out):

@@ -11,6 +11,7 @@ from conftest import expert_config
 
 import moeforge
 from moeforge.cli import cli
+from moeforge.verify import verify
 from moeforge.writer.manifest import MANIFEST
 
 SHARD_1 = "model-00001-of-00004.safetensors"
@@ -187,3 +188,17 @@ def test_quick_reads_headers_only(built, tmp_path):
 def test_verify_needs_a_directory(tmp_path):
     r = _verify(tmp_path / "nothing")
     assert r.exit_code == 2 and r.stderr.strip() == f"moeforge: error: {tmp_path / 'nothing'}: not a directory"
+
+
+@pytest.mark.parametrize("architecture,base,shared", [
+    ("qwen", "base", 1), ("qwen", "qwen2", 2), ("qwen3", "qwen3", 0), ("deepseek", "base", 0), ("deepseek", "base", 2),
+])
+def test_every_layout_verifies(models, qwen_models, tmp_path, architecture, base, shared):
+    """What verify expects comes from the layout registry: shared experts, their gate and width, key spellings."""
+    base = {**models, **qwen_models}[base]
+    cfg = expert_config(base, [base, base], gate_mode="random", architecture=architecture,
+                        shared_experts=[{"source_model": base, "positive_prompts": ["x"] if architecture == "qwen" else None}
+                                        for _ in range(shared)] or None)
+    moeforge.build(cfg, tmp_path / "o", random_seed=1, quiet=True, allow_all_same=True)
+    report = verify(tmp_path / "o")
+    assert report.ok, report.problems

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from moeforge.errors import MoeforgeError
+from moeforge.units import human_bytes
 
 HEADER_BYTES_PER_TENSOR = 512  # a generous bound on one tensor's JSON header entry
 SLACK = 1 << 20  # config.json, the resolved recipe, the manifest, filesystem rounding
@@ -38,12 +39,5 @@ def check_free_space(out: Path, needed: int) -> None:
     free = free_bytes(where)
     if free is not None and free < needed:
         raise MoeforgeError(
-            f"{out}: not enough free disk space on {where}: the build needs {_human(needed)}, {_human(free)} is free"
+            f"{out}: not enough free disk space on {where}: the build needs {human_bytes(needed)}, {human_bytes(free)} is free"
         )
-
-
-def _human(n: int) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} bytes"

@@ -4,7 +4,7 @@ Each family is a small declarative module; `family_of` picks one from config.jso
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from moeforge.errors import SourceError
 from moeforge.families.base import Family
@@ -18,11 +18,15 @@ from moeforge.families.qwen3 import QWEN3
 FAMILIES: List[Family] = [LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA, GEMMA2]
 
 
+def family_for_model_type(model_type) -> Optional[Family]:
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
 def family_of(checkpoint) -> Family:
     model_type = checkpoint.config_value("model_type")
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            return family
+    family = family_for_model_type(model_type)
+    if family is not None:
+        return family
     known = ", ".join(t for f in FAMILIES for t in f.model_types)
     raise SourceError(
         f"{checkpoint.path / 'config.json'}: model_type {model_type!r} is not a supported input family (supported: {known})"
@@ -31,11 +35,11 @@ def family_of(checkpoint) -> Family:
 
 def open_dense(text: str):
     """A dense model reference opened lazily, with its family's read transform applied."""
-    from moeforge.sources.checkpoint import open_checkpoint
+    from moeforge.sources.open_model import open_checkpoint
 
     ckpt = open_checkpoint(text)
     family_of(ckpt).prepare(ckpt)
     return ckpt
 
 
-__all__ = ["Family", "FAMILIES", "family_of", "open_dense"]
+__all__ = ["Family", "FAMILIES", "family_of", "family_for_model_type", "open_dense"]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from moeforge.errors import ConfigError, SourceError
+from moeforge.files import RESOLVED_CONFIG
 from moeforge.inspect.prompts_file import Prompt, resolve_labels
 
 PLOT_HINT = "pip install moeforge[plot]"
@@ -111,7 +112,7 @@ def expert_names(model_dir: Path, num_experts: int):
     import yaml
 
     sources: List[str] = []
-    recipe = model_dir / "moeforge_config.yml"
+    recipe = model_dir / RESOLVED_CONFIG
     if recipe.is_file():
         try:
             experts = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("experts") or []

@@ -1,8 +1,8 @@
 """Find the routers of any transformers MoE and record their logits with forward hooks.
 
 Generic on purpose: a router is the module, inside decoder layer N, whose 2-D weight is
-(num_experts, hidden_size), with num_experts read from the config (num_local_experts for Mixtral,
-num_experts for Qwen2/Qwen3-MoE, n_routed_experts for DeepSeek). Its logits are recomputed from its input,
+(num_experts, hidden_size), with num_experts read from the config under any key an output layout uses
+(moeforge.layouts). Its logits are recomputed from its input,
 so the module's own return convention does not matter. A shared expert's one-row gate never matches.
 """
 from __future__ import annotations
@@ -12,7 +12,15 @@ from typing import Dict, List, Tuple
 
 from moeforge.errors import SourceError
 
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _expert_count_keys() -> Tuple[str, ...]:
+    from moeforge.layouts import LAYOUTS
+
+    return tuple(dict.fromkeys(k for l in LAYOUTS for k in l.expert_count_keys()))
+
+
+EXPERT_COUNT_KEYS = _expert_count_keys()
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 

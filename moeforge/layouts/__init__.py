@@ -14,6 +14,7 @@ from moeforge.layouts.qwen3_moe import QWEN3_MOE
 
 # mergekit's order of preference, then layouts mergekit does not write (never inferred where those fit)
 LAYOUTS: List[Layout] = [MIXTRAL, DEEPSEEK_MOE, QWEN2_MOE, QWEN3_MOE, GRANITE_MOE_SHARED]
+LAYOUT_NAMES = tuple(l.name for l in LAYOUTS)  # the `architecture:` values
 
 
 def layout_named(name: str) -> Layout:
@@ -21,6 +22,18 @@ def layout_named(name: str) -> Layout:
         if layout.name == name:
             return layout
     raise ConfigError(f"architecture: {name!r} is not an output layout (choose from {', '.join(l.name for l in LAYOUTS)})")
+
+
+def layouts_matching(architecture: str) -> List[Layout]:
+    """The layouts an `architecture:` value names: the exact name, else every prefix match (as mergekit), so
+    `qwen` is Qwen2-MoE and not also Qwen3-MoE."""
+    name = architecture.lower()
+    return [l for l in LAYOUTS if l.name == name] or [l for l in LAYOUTS if l.name.startswith(name)]
+
+
+def layout_of_config(config: dict) -> Optional[Layout]:
+    """The layout a checkpoint's config.json is written in, or None."""
+    return next((l for l in LAYOUTS if l.recognises(config)), None)
 
 
 def _check_some_layout_fits(family: str, features) -> None:
@@ -39,13 +52,10 @@ def select_layout(
     renormalize: Optional[bool] = None,
 ) -> Tuple[Layout, bool]:
     """The named layout (prefix match, as mergekit), or the first that accepts the inputs; and whether inferred."""
-    names = ", ".join(l.name for l in LAYOUTS)
+    names = ", ".join(LAYOUT_NAMES)
     _check_some_layout_fits(family, features)
     if architecture:
-        # exact name first, so `qwen` is Qwen2-MoE and not also Qwen3-MoE
-        candidates = [l for l in LAYOUTS if l.name == architecture.lower()] or [
-            l for l in LAYOUTS if l.name.startswith(architecture.lower())
-        ]
+        candidates = layouts_matching(architecture)
         if not candidates:
             raise ConfigError(f"architecture: {architecture!r} is not an output layout (choose from {names})")
     else:
@@ -62,4 +72,4 @@ def select_layout(
     raise ConfigError(f"architecture: {'; '.join(reasons)}{hint}")
 
 
-__all__ = ["Layout", "MoEShape", "LAYOUTS", "select_layout", "layout_named"]
+__all__ = ["Layout", "MoEShape", "LAYOUTS", "LAYOUT_NAMES", "select_layout", "layout_named", "layout_of_config"]

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from moeforge.families.base import describe_features
-from moeforge.layouts import runtimes as rt
+from moeforge.gate_modes import GATE_MODES
+from moeforge.layouts.runtimes import Runtime, RuntimeStatus
+from moeforge.layouts.runtimes import report as runtimes_report, warnings as runtimes_warnings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,11 @@ class Layout:
     shared_router: Optional[str] = None  # a gated shared expert's router row, with {layer}
     required_features: FrozenSet[str] = frozenset()  # filled with zeros when the input lacks them
     expert_count_key: str = "num_experts"  # config.json key holding the number of routed experts
+    # config key -> other spellings of it that readers accept (transformers 5 renamed some keys)
+    key_aliases: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # True: each shared expert has the routed experts' width and the config counts them (DeepSeek);
+    # False: shared experts of any width are concatenated and the config holds the total width (Qwen2-MoE)
+    shared_width_is_routed: bool = False
     dense_model_type: str = "llama"  # the dense family one expert plus the attention is (moeforge extract)
     # config key -> the name another transformers version reads it under; both are written
     aliases: Dict[str, str] = dataclasses.field(default_factory=dict)
@@ -84,7 +90,67 @@ class Layout:
     code_files: Tuple[str, ...] = ()
     # config.json key of the top-k renormalisation switch; None: the layout always renormalises
     renormalize_key: Optional[str] = "norm_topk_prob"
-    runtimes: Tuple[rt.Runtime, ...] = ()  # what each runtime makes of this layout (layouts/runtimes.py)
+    runtimes: Tuple[Runtime, ...] = ()  # what each runtime makes of this layout (layouts/runtimes.py)
+
+    def warnings(self, shape: MoEShape) -> List[str]:
+        """One line per runtime that will not compute what transformers computes for a build of this shape."""
+        return runtimes_warnings(self.runtimes, shape)
+
+    def recognises(self, config: dict) -> bool:
+        """Whether a checkpoint's config.json is one of this layout's (by class name, else model_type)."""
+        archs = config.get("architectures") or []
+        if archs:
+            return any(a in self.architectures for a in archs)
+        return config.get("model_type") == self.model_type
+
+    def dense_type(self, config: dict) -> str:
+        """model_type of the dense model with this MoE's attention and one expert's MLP (`moeforge extract`,
+        and the dense part `verify` expects); a sliding window makes a Llama twin a Mistral."""
+        if self.dense_model_type == "llama" and config.get("sliding_window") is not None:
+            return "mistral"
+        return self.dense_model_type
+
+    def expert_count_keys(self) -> Tuple[str, ...]:
+        """Every spelling of the routed-expert count key that readers accept, the written one first."""
+        return (self.expert_count_key,) + self.spellings(self.expert_count_key)
+
+    def spellings(self, key: str) -> Tuple[str, ...]:
+        """Other names of a config key: the one written beside it (`aliases`), then those only read."""
+        written = (self.aliases[key],) if key in self.aliases else ()
+        return written + tuple(k for k in self.key_aliases.get(key, ()) if k not in written)
+
+    def config_value(self, config: dict, key: str):
+        """`key` from a config.json, under any spelling this layout's readers accept."""
+        for k in (key,) + self.spellings(key):
+            if config.get(k) is not None:
+                return config[k]
+        return None
+
+    def shape_of(self, config: dict) -> MoEShape:
+        """The numbers `moe_config` wrote into a config.json, read back (missing keys read as 0).
+
+        `moe_config` is probed with distinct numbers, so each layout states its keys once."""
+        probe = MoEShape(1_000_003, 1_000_033, 1_000_037, 1_000_039, 1_000_081)
+        key_of = {v: k for k, v in self.moe_config(probe).items() if type(v) is int}
+        values = {}
+        for f in dataclasses.fields(MoEShape):
+            if type(getattr(probe, f.name)) is not int:
+                continue  # a switch, not a size
+            key = key_of.get(getattr(probe, f.name))
+            value = self.config_value(config, key) if key else None
+            values[f.name] = value if isinstance(value, int) and not isinstance(value, bool) else 0
+        if self.shared_width_is_routed:
+            values["shared_intermediate_size"] = values["num_shared_experts"] * values["intermediate_size"]
+        elif values["shared_intermediate_size"]:
+            values["num_shared_experts"] = values["num_shared_experts"] or 1  # one MLP, however many went in
+        if self.renormalize_key is not None:
+            values["renormalize"] = bool(self.config_value(config, self.renormalize_key) in (None, True))
+        return MoEShape(**values)
+
+    def moe_keys(self) -> FrozenSet[str]:
+        """Every config key this layout's MoE part writes or reads (for rewriting a config with a new shape)."""
+        keys = set(self.moe_config(MoEShape(1, 1, 1)))
+        return frozenset(keys.union(*(self.spellings(k) for k in keys)))
 
     def expert_name(self, role: str, layer: int, expert: int) -> str:
         return self.expert[role].format(layer=layer, expert=expert)
@@ -92,10 +158,11 @@ class Layout:
     def router_name(self, layer: int) -> str:
         return self.router.format(layer=layer)
 
-    def write_code_files(self, out_dir: Path) -> None:
-        """The layout's own modeling code, so that `trust_remote_code` loads the output with no Hub access."""
-        for name in self.code_files:
-            shutil.copyfile(Path(__file__).parent / name, Path(out_dir) / Path(name).name)
+    def extra_files(self) -> Dict[str, str]:
+        """Files written beside the weights, name -> text: the layout's own modeling code, so that
+        `trust_remote_code` loads the output with no Hub access."""
+        here = Path(__file__).parent
+        return {Path(name).name: (here / name).read_text(encoding="utf-8") for name in self.code_files}
 
     def refusal(self, family_name: str, features: FrozenSet[str]) -> Optional[str]:
         """Why this layout cannot express an input's attention, or None."""
@@ -117,7 +184,7 @@ class Layout:
         prompted = [bool(e.positive_prompts) for e in shared]
         if self.shared_router is None and any(prompted):
             return f"{self.name} shared experts are ungated: remove their prompts"
-        if self.shared_router is not None and gate_mode not in ("random", "uniform_random") and not all(prompted):
+        if self.shared_router is not None and GATE_MODES[gate_mode].needs_prompts and not all(prompted):
             return f"{self.name} gates its shared expert: give it positive_prompts (or use a random gate_mode)"
         return None
 
@@ -127,18 +194,16 @@ class Layout:
             return f"{self.name} always renormalises the top-k router weights (its config has no switch)"
         return None
 
-    def runtime_report(self, shape: MoEShape) -> List[rt.RuntimeStatus]:
-        return rt.report(self.runtimes, shape)
-
-    def runtime_warnings(self, shape: MoEShape) -> List[str]:
-        return rt.warnings(self.runtimes, shape)
+    def runtime_report(self, shape: MoEShape) -> List[RuntimeStatus]:
+        return runtimes_report(self.runtimes, shape)
 
     def model_config(self, base_config: dict, shape: MoEShape, dtype: str) -> dict:
         """The output's config.json: the base's keys plus this layout's MoE keys, written so that transformers
         4.46-4.57 and 5.x read the same model from it (RoPE in both spellings, renamed keys under both names)
         and built without the installed transformers' defaults, so it is the same whichever version builds it.
         A layout with a transformers class is validated by it."""
-        keys = {k: v for k, v in base_config.items() if k not in _NOT_CARRIED + _ROPE_KEYS}
+        moe_keys = self.moe_keys()
+        keys = {k: v for k, v in base_config.items() if k not in _NOT_CARRIED + _ROPE_KEYS and k not in moe_keys}
         keys.update(self.moe_config(shape))
         if self.derived_config is not None:
             keys.update(self.derived_config(keys))

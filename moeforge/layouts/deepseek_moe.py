@@ -58,6 +58,7 @@ DEEPSEEK_MOE = Layout(
     rope_parameters=False,  # its remote code reads rope_theta and rope_scaling
     max_shared_experts=None,
     expert_count_key="n_routed_experts",
+    shared_width_is_routed=True,
     shared_expert={
         "gate": "model.layers.{layer}.mlp.shared_experts.gate_proj.weight",
         "up": "model.layers.{layer}.mlp.shared_experts.up_proj.weight",

@@ -32,4 +32,5 @@ MIXTRAL = Layout(
         Runtime(VLLM, "MixtralForCausalLM (renormalize=True)"),
         Runtime(LLAMA_CPP, "llama graph (renormalises top-k), any expert count"),
     ),
+    key_aliases={"num_local_experts": ("num_experts",)},
 )

@@ -47,6 +47,7 @@ QWEN2_MOE = Layout(
     moe_config=_moe_config,
     model_type="qwen2_moe",
     config_class="Qwen2MoeConfig",
+    key_aliases={"num_experts": ("num_local_experts",)},
     min_shared_experts=1,
     max_shared_experts=None,
     dense_model_type="qwen2",

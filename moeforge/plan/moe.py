@@ -14,7 +14,7 @@ from moeforge.plan.packing import pack
 from moeforge.plan.tensors import Deferred, FromConcat, FromSource, FromValue, PlannedTensor, output_dtype
 
 if TYPE_CHECKING:
-    from moeforge.builder import Inputs
+    from moeforge.pipeline.inputs import Inputs
 
 # Zero tensors that make an input's attention fit a layout that always has them (same function).
 _ZERO_FILLS = {"qkv_bias": ("q_proj", "k_proj", "v_proj")}

@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 from moeforge.checks import disk
 from moeforge.errors import MoeforgeError
 from moeforge.plan.tensors import FromSource, FromValue
+from moeforge.files import GENERATION_CONFIG, TOKENIZER_FILES
+from moeforge.gate_modes import GATE_MODES
 from moeforge.sources.checkpoint import DTYPES
+from moeforge.units import human_bytes, human_count as human
 
 if TYPE_CHECKING:
-    from moeforge.builder import Inputs
+    from moeforge.pipeline.inputs import Inputs
     from moeforge.plan import MoEPlan
 
 # Peak RSS of a bf16 -> bf16 random-gate build (Python, torch, safetensors, transformers imported, and the
@@ -68,15 +71,11 @@ class PlanReport:
 
     @property
     def _gates_when(self) -> str:
-        from moeforge.builder import OVERLAPPED_GATE_MODES
-
-        if self.gate_mode in OVERLAPPED_GATE_MODES:
+        if GATE_MODES[self.gate_mode].overlaps_writer:
             return "while the unchanged bytes are copied"
         return "before the shards are written; the base model is freed first"
 
     def lines(self) -> List[str]:
-        from moeforge.builder import human
-
         width = max(len(s.name) for s in self.shards)
         shard_lines = [f"{s.name:<{width}}  {human_bytes(s.nbytes):>9}  {s.tensors} tensors" for s in self.shards]
         memory = " + ".join(f"{k} {human_bytes(v)}" for k, v in self.memory.items() if v)
@@ -139,22 +138,21 @@ def estimate_memory(inputs: "Inputs", plan: "MoEPlan") -> Dict[str, int]:
             need = min(rows, step) * (t.numel // max(rows, 1)) * (2 * src_bytes + out_bytes)
         working = max(working, need)
     gates = plan.num_layers * len(inputs.experts) * inputs.hidden_size * 4
-    mode = inputs.config.gate_mode
-    runs_base = mode.startswith("hidden") or mode == "fitted"
+    mode = GATE_MODES[inputs.config.gate_mode]
+    runs_base = mode.runs_base_model
     if runs_base:
         bytes_per = DTYPES[{"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[inputs.options.hidden_dtype]][1]
         base_params = sum(ref.nbytes // DTYPES[ref.dtype][1] for ref in inputs.base.tensors.values())
         gates += base_params * bytes_per + TOKENIZER_BYTES
-    elif mode == "cheap_embed":
+    elif mode.needs_prompts:
         gates += TOKENIZER_BYTES
     return {"runtime": RUNTIME_BYTES, "conversion": working,
             ("base model forward" if runs_base else "gates"): gates}
 
 
 def _side_bytes(inputs: "Inputs") -> int:
-    from moeforge.builder import TOKENIZER_FILES
 
-    names = ["generation_config.json"] + (list(TOKENIZER_FILES) if inputs.options.copy_tokenizer else [])
+    names = [GENERATION_CONFIG] + (list(TOKENIZER_FILES) if inputs.options.copy_tokenizer else [])
     return sum((inputs.base.path / n).stat().st_size for n in names if (inputs.base.path / n).is_file())
 
 
@@ -169,11 +167,3 @@ def check_disk(report: PlanReport) -> None:
     problem = disk_shortfall(report)
     if problem:
         raise MoeforgeError(problem)
-
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            v = n / size
-            return f"{v:.{2 if v < 10 else 1 if v < 100 else 0}f} {unit}"
-    return f"{n} B"

@@ -19,7 +19,7 @@ from moeforge.errors import ConfigError
 from moeforge.plan.tensors import Part, Reinit
 
 if TYPE_CHECKING:
-    from moeforge.builder import Inputs
+    from moeforge.pipeline.inputs import Inputs
 
 _NEURON_DIM = {"gate": 0, "up": 0, "down": 1}  # where one intermediate neuron lives in each matrix
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from moeforge.errors import SourceError
+from moeforge.sources.checkpoint import Checkpoint, read_json
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
 
@@ -29,8 +30,6 @@ class LoraDelta:
 
 class LoraAdapter:
     def __init__(self, path: Path, label: str):
-        from moeforge.sources.checkpoint import Checkpoint, read_json
-
         cfg_path = Path(path) / "adapter_config.json"
         cfg = read_json(cfg_path, "a LoRA adapter needs adapter_config.json")
         for flag, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D)")):

@@ -10,31 +10,31 @@ from moeforge.errors import SourceError
 from moeforge.families.base import MLP_ROLES
 from moeforge.sources.checkpoint import Checkpoint
 
-# model_type of each layout's transformers class (DeepSeek declares its own)
-_MODEL_TYPES = {"mixtral": "mixtral", "qwen": "qwen2_moe", "qwen3": "qwen3_moe"}
-
 
 class MoECheckpoint:
-    """A Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-MoE directory: which tensors are routers, routed experts
-    and the shared expert, and which are the rest (attention, norms, embeddings)."""
+    """A checkpoint in one of the output layouts: which tensors are routers, routed experts and the shared
+    expert, and which are the rest (attention, norms, embeddings)."""
 
     def __init__(self, path: Path):
-        from moeforge.layouts import LAYOUTS
+        from moeforge.layouts import LAYOUTS, layout_of_config
 
         self.ckpt = Checkpoint(Path(path))
         self.path = self.ckpt.path
         config = self.ckpt.config
         arch = (config.get("architectures") or [None])[0]
         model_type = config.get("model_type")
-        self.layout = next((l for l in LAYOUTS if arch in l.architectures), None) or next(
-            (l for l in LAYOUTS if (l.model_type or _MODEL_TYPES.get(l.name)) == model_type), None)
+        self.layout = layout_of_config(config)
         if self.layout is None:
             known = ", ".join(a for l in LAYOUTS for a in l.architectures)
             raise SourceError(f"{self.path / 'config.json'}: {arch or model_type!r} is not an MoE layout moeforge "
                               f"reads ({known})")
         self.num_layers = self._int("num_hidden_layers")
         self.hidden_size = self._int("hidden_size")
-        self.num_experts = self._int(self.layout.expert_count_key)
+        self.shape = self.layout.shape_of(config)
+        self.num_experts = self.shape.num_experts
+        if self.num_experts < 1:
+            raise SourceError(f"{self.path / 'config.json'}: needs an integer "
+                              f"{' or '.join(self.layout.expert_count_keys())}")
         if self.layout.packed:
             self.ckpt.add_view(functools.partial(unpack, self.layout, self.num_layers, self.num_experts))
         self._moe_names: Set[str] = set()
@@ -69,13 +69,11 @@ class MoECheckpoint:
         return self.layout.expert_name(role, layer, expert)
 
     def dense_model_type(self) -> str:
-        """The dense family with this MoE's attention (Mixtral with a sliding window is Mistral)."""
-        if self.layout.dense_model_type == "llama" and self.ckpt.config_value("sliding_window") is not None:
-            return "mistral"
-        return self.layout.dense_model_type
+        """The dense model_type with this MoE's attention (`Layout.dense_type`)."""
+        return self.layout.dense_type(self.ckpt.config)
 
     def saved_config_path(self) -> Optional[Path]:
-        from moeforge.builder import RESOLVED_CONFIG
+        from moeforge.files import RESOLVED_CONFIG
 
         path = self.path / RESOLVED_CONFIG
         return path if path.is_file() else None

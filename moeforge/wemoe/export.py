@@ -9,10 +9,10 @@ from typing import Dict, Optional, Union
 
 from moeforge._version import __version__
 from moeforge.errors import SourceError
+from moeforge.files import CARD as CARD_FILE
 
 ROUTER_FILE = "router.safetensors"
 META_FILE = "wemoe.json"
-CARD_FILE = "README.md"
 FORMAT = "moeforge-wemoe"
 FORMAT_VERSION = 1
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from moeforge.errors import SourceError
-from moeforge.sources.checkpoint import Checkpoint, open_checkpoint
+from moeforge.sources.checkpoint import Checkpoint
+from moeforge.sources.open_model import open_checkpoint
 from moeforge.wemoe.module import Router, RoutingContext, WeightEnsemblingMLP
 
 SHARED_ROUTER = "shared_router"

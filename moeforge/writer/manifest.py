@@ -11,22 +11,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional
 
 from moeforge._version import __version__
+from moeforge.files import GENERATION_CONFIG, MANIFEST, TOKENIZER_FILES
 
 if TYPE_CHECKING:
-    from moeforge.builder import Inputs
+    from moeforge.writer.resume import Job
 
-MANIFEST = "moeforge_manifest.json"
 FORMAT = "moeforge-manifest/1"
 # Read by a build although they hold no tensors: recorded so the manifest says what the output came from.
-_BASE_EXTRAS = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "vocab.txt",
-)
+_BASE_EXTRAS = (GENERATION_CONFIG,) + TOKENIZER_FILES
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def source_files(inputs: "Inputs") -> Dict[str, Dict[str, Path]]:
+def source_files(inputs: "Job") -> Dict[str, Dict[str, Path]]:
     """model reference -> {name relative to the model directory: path}, for every file a build reads."""
     found: Dict[str, Dict[str, Path]] = {}
     for ref, ckpt in inputs.checkpoints.items():

@@ -17,9 +17,8 @@ import logging
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Protocol
 
 from moeforge._version import __version__
 from moeforge.checks.finite import FileScan, nonfinite_error
@@ -44,7 +43,8 @@ except ImportError:  # not POSIX: builds still work, without the guard against t
     fcntl = None
 
 if TYPE_CHECKING:
-    from moeforge.builder import Inputs
+    from moeforge.options import BuildOptions
+    from moeforge.sources.checkpoint import Checkpoint
 
 log = logging.getLogger("moeforge")
 
@@ -53,9 +53,20 @@ PARTIAL_TAG = "moeforge-partial-"
 # Options that do not change a single output byte, so they may differ between a build and its resume.
 _NOT_IN_KEY = {"overwrite", "quiet", "verbose", "resume", "check_finite", "trust_remote_code", "allow_all_same",
                "strict"}
-# Test hook: stop (sleeping) once this many shards are complete and recorded, so a test can kill the build
-# at a known point. Never set it outside tests.
-HOLD_ENV = "MOEFORGE_TEST_HOLD_AFTER_SHARDS"
+
+
+class Job(Protocol):
+    """What a session writes for: a build's `Inputs`, or an edit of an existing checkpoint."""
+
+    options: "BuildOptions"
+    seed: int
+    checkpoints: Dict[str, "Checkpoint"]  # every model read, by reference
+    base: "Checkpoint"  # the one whose tokenizer and generation config are copied (recorded as read)
+    layout_name: str  # recorded in the manifest
+    family_name: str
+
+    def recipe(self) -> dict:
+        """JSON data that, with the sources and options, decides every output byte."""
 
 
 def partial_dirs(out: Path) -> List[Path]:
@@ -65,14 +76,14 @@ def partial_dirs(out: Path) -> List[Path]:
     return sorted(p for p in out.parent.glob(f".{out.name}.{PARTIAL_TAG}*") if p.is_dir())
 
 
-def build_identity(inputs: "Inputs") -> dict:
+def build_identity(inputs: Job) -> dict:
     """Everything the output bytes depend on, cheaply: sources by size and mtime, not content."""
     options = {k: v for k, v in dataclasses.asdict(inputs.options).items() if k not in _NOT_IN_KEY}
     sources = {
         ref: {name: file_identity(path) for name, path in files.items()}
         for ref, files in source_files(inputs).items()
     }
-    return {"moeforge": __version__, "config": inputs.config.model_dump(mode="json"), "options": options,
+    return {"moeforge": __version__, "config": inputs.recipe(), "options": options,
             "sources": sources}
 
 
@@ -83,7 +94,7 @@ def identity_key(identity: dict) -> str:
 class BuildSession:
     """One build's partial directory, its lock, its shard journal and its hashes."""
 
-    def __init__(self, out: Path, inputs: "Inputs"):
+    def __init__(self, out: Path, inputs: Job):
         self.out = Path(out)
         self.inputs = inputs
         self.identity = build_identity(inputs)
@@ -102,7 +113,7 @@ class BuildSession:
 
     # ---- before anything is written ---------------------------------------------------------------
     @classmethod
-    def open(cls, out: Path, inputs: "Inputs") -> "BuildSession":
+    def open(cls, out: Path, inputs: Job) -> "BuildSession":
         """Find the partial build to resume (read-only); it fixes the seed when none was given."""
         session = cls(out, inputs)
         if inputs.options.resume:
@@ -214,11 +225,6 @@ class BuildSession:
         """A shard is written and fsynced; it is recorded (resumable) once its hash is done."""
         self._shards.end(path)
         self._shards_done += 1
-        hold = os.environ.get(HOLD_ENV)
-        if hold and self._shards_done >= int(hold):
-            self._shards.wait()
-            while True:  # a test kills or interrupts us here
-                time.sleep(0.05)
 
     def _record_shard(self, path: Path, digest: str) -> None:
         with self._lock:
@@ -298,7 +304,7 @@ class BuildSession:
                 else:
                     recs[name] = ident
         inputs = self.inputs
-        write_manifest(tmp, outputs, sources, inputs.layout.name, inputs.family.name, inputs.options.hash_sources)
+        write_manifest(tmp, outputs, sources, inputs.layout_name, inputs.family_name, inputs.options.hash_sources)
 
     def _save_state(self) -> None:
         """Atomically: a crash leaves the old state or the new one, never a torn file."""

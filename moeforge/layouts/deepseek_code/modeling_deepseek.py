@@ -4,7 +4,7 @@ Written beside the weights of every DeepSeek output (config.json's `auto_map` na
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` needs no Hub access. It computes what
 deepseek-moe-16b's own code computes: a Llama decoder (RMSNorm, RoPE with optional linear/dynamic scaling,
 grouped-query attention, SwiGLU) whose MLP is, in MoE layers, a softmax router over `n_routed_experts` with
-top-`num_experts_per_tok` selection (renormalised when `norm_topk_prob` and more than one expert is chosen)
+top-`num_experts_per_tok` selection (renormalised when `norm_topk_prob`, top-1 included, as vLLM does)
 plus `n_shared_experts` ungated shared experts stored as one MLP. A layer is MoE from `first_k_dense_replace`
 on, every `moe_layer_freq`-th layer. There is no auxiliary load-balancing loss.
 Runs under transformers 4.46+ and 5.x.
@@ -135,7 +135,7 @@ class DeepseekMoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         scores = torch.softmax(self.gate(flat), dim=-1, dtype=torch.float32)
         weights, chosen = torch.topk(scores, self.top_k, dim=-1)
-        if self.top_k > 1 and self.norm_topk_prob:  # as deepseek-moe-16b: a single expert keeps its score
+        if self.norm_topk_prob:  # top-1 too (deepseek-moe-16b's code skips it there; vLLM does not)
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights.to(x.dtype)
         out = torch.zeros_like(flat)
