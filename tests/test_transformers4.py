@@ -6,6 +6,7 @@ The venv is made on first use (about 2-7 minutes, mostly pip; reused afterwards)
 fail with pip's message; set MOEFORGE_SKIP_TF4=1 to skip them instead.
 """
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -74,7 +75,7 @@ def test_qwen3_moe_expert_count_is_written_under_both_names():
     layout = layout_named("qwen3")
     config = layout.model_config(_spellings(YARN_ROPE)[0], SHAPE, "float32")
     assert config["num_experts"] == config["num_local_experts"] == 4  # 4.x reads the first, 5.x writes the second
-    layout.set_expert_count(config, 5)
+    config = layout.model_config(config, dataclasses.replace(SHAPE, num_experts=5), "float32")  # as add-expert
     assert config["num_experts"] == config["num_local_experts"] == 5
 
 

@@ -223,13 +223,6 @@ class Layout:
                                                                        if k != "model_type"}))
         return config
 
-    def set_expert_count(self, config: dict, count: int) -> None:
-        """Set the number of routed experts in a config.json dict, under every name it is written."""
-        config[self.expert_count_key] = count
-        for key, alias in self.aliases.items():
-            if key == self.expert_count_key:
-                config[alias] = count
-
 
 def rope_parameters(config: dict) -> dict:
     """A config's RoPE as transformers 5 reads it, whichever spelling the config uses: a non-empty legacy
